@@ -1,0 +1,1 @@
+"""Triton kernels of vtw_vllm (installed as ``vtw_vllm.kernels``)."""
