@@ -5,9 +5,36 @@ entry point, so nothing needs to be imported by hand. Keep this module cheap: it
 also imported at interpreter start-up by the CPU torchvision fix.
 """
 
-PLUGIN_STATE = {"registered": False}
+_MODELS = "vtw_vllm.models.llava_vtw"
+ARCHITECTURES = {
+    "LlavaVTWForConditionalGeneration": f"{_MODELS}:LlavaVTWForConditionalGeneration",
+    "LlavaNextVTWForConditionalGeneration": f"{_MODELS}:LlavaNextVTWForConditionalGeneration",
+}
 
 
 def register() -> None:
-    """vLLM plugin hook: register the VTW model architectures (idempotent)."""
-    PLUGIN_STATE["registered"] = True
+    """vLLM plugin hook: register the VTW architectures, KV spec and config hook."""
+    from vllm import ModelRegistry
+
+    from vtw_vllm.kv_cache import register_kv_cache_spec
+    from vtw_vllm.vllm_patches import add_model_config_hook
+
+    for arch, qualname in ARCHITECTURES.items():
+        if arch not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(arch, qualname)
+        add_model_config_hook(arch, _config_hook())
+    register_kv_cache_spec()
+
+
+def _config_hook() -> type:
+    from vllm.model_executor.models.config import VerifyAndUpdateConfig
+
+    # The model module is imported lazily: it imports vLLM's LLaVA (and torchvision).
+    class _LazyHook(VerifyAndUpdateConfig):
+        @staticmethod
+        def verify_and_update_config(vllm_config) -> None:
+            from vtw_vllm.models.llava_vtw import VTWModelConfigHook
+
+            VTWModelConfigHook.verify_and_update_config(vllm_config)
+
+    return _LazyHook

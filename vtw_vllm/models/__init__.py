@@ -1,0 +1,1 @@
+"""VTW model classes (registered lazily by :func:`vtw_vllm.register`)."""

@@ -1,0 +1,100 @@
+"""An independent VTW reference: plain transformers on the same weights, batch 1, no cache.
+
+What the paper (and its authors' code) does: decoder layers with index < K run on the
+whole sequence; at layer K every image-token row is dropped from the hidden states and
+the position ids; layers >= K run on the rest with the original positions. Decoding is
+recomputed from scratch each step (generated tokens are text, so they are never
+withdrawn), which is what a KV-cached VTW decode must equal. Nothing here shares code
+with the engine path.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+
+class _Captured(Exception):
+    pass
+
+
+@dataclass
+class ReferenceResult:
+    prompt_token_ids: list[int]
+    first_logprobs: torch.Tensor  # [vocab], float32 log-softmax of the first generated token
+    token_ids: list[int]  # greedy tokens
+
+
+@functools.lru_cache(maxsize=2)
+def _load(model_dir: str):
+    model = AutoModelForImageTextToText.from_pretrained(
+        model_dir, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    return model, AutoProcessor.from_pretrained(model_dir)
+
+
+def _merged_input_embeds(model, inputs) -> torch.Tensor:
+    """The language model's input embeddings with the image features merged in, as
+    transformers computes them (captured at the language model's entry)."""
+    captured = {}
+
+    def grab(_module, args, kwargs):
+        captured["embeds"] = kwargs["inputs_embeds"]
+        raise _Captured
+
+    handle = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        model(**inputs)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    return captured["embeds"]
+
+
+def _last_logits_with_withdrawal(model, embeds, is_vision: torch.Tensor, k: int) -> torch.Tensor:
+    lm = model.model.language_model
+    hidden = embeds
+    positions = torch.arange(hidden.shape[1])[None]
+    for idx, layer in enumerate(lm.layers):
+        if idx == k:
+            hidden, positions = hidden[:, ~is_vision], positions[:, ~is_vision]
+        length = hidden.shape[1]
+        causal = torch.full((length, length), float("-inf")).triu(1)[None, None]
+        hidden = layer(
+            hidden,
+            attention_mask=causal,
+            position_ids=positions,
+            position_embeddings=lm.rotary_emb(hidden, positions),
+        )
+    return model.lm_head(lm.norm(hidden[:, -1]))[0]
+
+
+@torch.no_grad()
+def vtw_generate(
+    model_dir: str, prompt: str, images: list[Image.Image], k: int, max_tokens: int
+) -> ReferenceResult:
+    """Greedy VTW generation; ``k >= num_hidden_layers`` is the plain model."""
+    model, processor = _load(str(model_dir))
+    inputs = processor(text=prompt, images=images or None, return_tensors="pt")
+    prompt_ids = inputs["input_ids"][0]
+    embeds = _merged_input_embeds(model, inputs) if images else None
+    if embeds is None:
+        embeds = model.get_input_embeddings()(prompt_ids)[None]
+    is_vision = prompt_ids == model.config.image_token_id
+
+    tokens: list[int] = []
+    first_logprobs = None
+    for _ in range(max_tokens):
+        logits = _last_logits_with_withdrawal(model, embeds, is_vision, k)
+        if first_logprobs is None:
+            first_logprobs = torch.log_softmax(logits.float(), dim=-1)
+        token = int(logits.argmax())
+        tokens.append(token)
+        embeds = torch.cat([embeds, model.get_input_embeddings()(torch.tensor([[token]]))], dim=1)
+        is_vision = torch.cat([is_vision, torch.tensor([False])])
+    return ReferenceResult(prompt_ids.tolist(), first_logprobs, tokens)
