@@ -12,10 +12,21 @@ def test_entry_point_declared():
 
 def test_vllm_loads_plugin_in_fresh_process():
     # A fresh interpreter, as in every vLLM worker process: only vLLM's loader runs.
-    code = (
-        "from vllm.plugins import load_general_plugins; load_general_plugins(); "
-        "import vtw_vllm; assert vtw_vllm.PLUGIN_STATE['registered']"
-    )
+    code = """
+from vllm.plugins import load_general_plugins
+load_general_plugins()
+from vllm import ModelRegistry
+from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+from vtw_vllm import ARCHITECTURES
+from vtw_vllm.kv_cache import VTWAttentionSpec, VTWManager
+for arch in ARCHITECTURES:
+    assert arch in ModelRegistry.get_supported_archs(), arch
+    assert arch in MODELS_CONFIG_MAP, arch
+import torch
+spec = VTWAttentionSpec(block_size=16, num_kv_heads=2, head_size=32, dtype=torch.float32)
+assert KVCacheSpecRegistry.get_manager_class(spec) is VTWManager
+"""
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -87,9 +87,10 @@ def plan_step(
         vision_total[r] = vision_tokens_below(request_ranges[r], num_computed[r] + num_scheduled[r])
 
     token_k = request_k[req_idx]
-    leaves_at = np.where(is_vision, token_k, np.iinfo(np.int64).max)
+    withdrawn = is_vision & (token_k <= max(group_starts))  # K = N withdraws nothing
+    leaves_at = np.where(withdrawn, token_k, np.iinfo(np.int64).max)
     withdrawals, alive = [], np.arange(num_tokens)
-    for k in np.unique(leaves_at[is_vision]):
+    for k in np.unique(leaves_at[withdrawn]):
         keep = leaves_at[alive] != k
         withdrawals.append(Withdrawal(layer=int(k), keep_index=np.flatnonzero(keep)))
         alive = alive[keep]

@@ -1,0 +1,119 @@
+"""Deep-layer KV holds no vision tokens: blocks per group follow the formula at every
+step, and every block returns to the pool. In-process engine, scheduler inspected
+between steps; deployment-wide K through ``hf_overrides`` (the default group size 4)."""
+
+import math
+import os
+
+import pytest
+from conftest import vllm_engine
+
+from vtw_vllm.testing import get_fixture, make_test_image
+from vtw_vllm.testing.reference import vtw_generate
+from vtw_vllm.vision_ranges import kept_tokens, vision_ranges
+
+pytestmark = pytest.mark.engine
+K, BLOCK_SIZE, MAX_TOKENS = 4, 32, 5  # CPU_ATTN needs multiples of 32
+
+
+@pytest.fixture(scope="module")
+def engine():
+    old = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # scheduler in this process
+    try:
+        with vllm_engine(
+            str(get_fixture("llava")),
+            hf_overrides={"architectures": ["LlavaVTWForConditionalGeneration"], "vtw_k": K},
+            block_size=BLOCK_SIZE,
+            max_num_batched_tokens=256,  # chunked prefill: one chunk holds only vision tokens
+        ) as llm:
+            yield llm
+    finally:
+        if old is None:
+            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
+        else:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = old
+
+
+def _scheduler(llm):
+    return llm.llm_engine.engine_core.engine_core.scheduler
+
+
+def _prompts():
+    return [
+        {
+            "prompt": "USER: <image>\nWhat is it? ASSISTANT:",
+            "multi_modal_data": {"image": make_test_image(7)},
+        },
+        {
+            "prompt": "Hello there, a somewhat longer text before the picture. USER: <image>\n"
+            "Describe it in detail please. ASSISTANT:",
+            "multi_modal_data": {"image": make_test_image(8)},
+        },
+        {"prompt": "USER: No picture here, only text. ASSISTANT:"},
+    ]
+
+
+def _params():
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+
+
+def test_groups_are_layer_blocks(engine):
+    groups = _scheduler(engine).kv_cache_config.kv_cache_groups
+    starts = sorted(g.kv_cache_spec.first_layer for g in groups)
+    assert starts == [0, 4]
+    assert all(len(g.layer_names) == 4 for g in groups)
+
+
+def test_blocks_follow_formula_every_step_and_return(engine):
+    sched = _scheduler(engine)
+    pool = sched.kv_cache_manager.block_pool
+    managers = sched.kv_cache_manager.coordinator.single_type_managers
+    free_at_start = pool.get_num_free_blocks()
+    for i, prompt in enumerate(_prompts()):
+        engine.llm_engine.add_request(f"r{i}", prompt, _params())
+
+    outputs, checked, saw_vision_only_chunk = {}, 0, False
+    while engine.llm_engine.has_unfinished_requests():
+        for out in engine.llm_engine.step():
+            if out.finished:
+                outputs[out.request_id] = out
+        for req_id, request in sched.requests.items():
+            ranges = vision_ranges(request.mm_features)
+            n = request.num_computed_tokens
+            if ranges and n == 512:  # the chunk [256, 512) was vision tokens only
+                saw_vision_only_chunk = True
+            for manager in managers:
+                deep = manager.kv_cache_spec.first_layer >= K
+                held = kept_tokens(ranges, n) if deep else n
+                assert len(manager.req_to_blocks[req_id]) == math.ceil(held / BLOCK_SIZE), (
+                    f"{req_id} layer group {manager.kv_cache_spec.first_layer} at {n} tokens"
+                )
+                checked += 1
+    assert checked > 20 and saw_vision_only_chunk
+    assert pool.get_num_free_blocks() == free_at_start
+
+    # Chunked, deployment-wide K: still the reference's tokens.
+    model_dir = str(get_fixture("llava"))
+    for i, prompt in enumerate(_prompts()[:2]):
+        image = prompt["multi_modal_data"]["image"]
+        ref = vtw_generate(model_dir, prompt["prompt"], [image], K, MAX_TOKENS)
+        assert list(outputs[f"r{i}"].outputs[0].token_ids) == ref.token_ids
+
+
+def test_aborted_requests_return_every_block(engine):
+    sched = _scheduler(engine)
+    pool = sched.kv_cache_manager.block_pool
+    free_at_start = pool.get_num_free_blocks()
+    for i, prompt in enumerate(_prompts()):
+        engine.llm_engine.add_request(f"a{i}", prompt, _params())
+    for _ in range(3):
+        engine.llm_engine.step()
+    assert pool.get_num_free_blocks() < free_at_start
+    engine.llm_engine.abort_request([f"a{i}" for i in range(3)])
+    while engine.llm_engine.has_unfinished_requests():
+        engine.llm_engine.step()
+    assert not sched.requests
+    assert pool.get_num_free_blocks() == free_at_start

@@ -1,0 +1,92 @@
+"""The per-step withdrawal plan against a brute-force per-token simulation."""
+
+import numpy as np
+import pytest
+
+from vtw_vllm.step_plan import plan_step
+
+
+def test_docstring_example():
+    # A: 2 text, 3 vision (positions 2-4), 1 text, K=4; B: 2 text tokens, no image.
+    plan = plan_step([6, 2], [0, 0], [4, 8], [((2, 5),), ()], [0, 4])
+    assert [w.layer for w in plan.withdrawals] == [4]
+    assert plan.withdrawals[0].keep_index.tolist() == [0, 1, 5, 6, 7]
+    assert plan.out_index.tolist() == [0, 1, 5, 6, 7]
+    assert 0 not in plan.groups  # layers 0-3 see everything: stock layout
+    g = plan.groups[4]
+    assert g.logical_positions.tolist() == [0, 1, 2, 0, 1]
+    assert g.positions.tolist() == [0, 1, 5, 0, 1]
+    assert g.query_start_loc.tolist() == [0, 3, 5]
+    assert g.seq_lens.tolist() == [3, 2]
+
+
+def test_nothing_to_withdraw_is_stock():
+    assert plan_step([5, 3], [0, 0], [8, 2], [((1, 3),), ()], [0, 4]) is None  # K=N; no image
+
+
+def _simulate(num_scheduled, num_computed, ks, ranges, group_starts):
+    """Token by token: what each group sees and where each kept token sits in its KV."""
+    rows = []  # (request, position)
+    for r, (n, c) in enumerate(zip(num_scheduled, num_computed, strict=True)):
+        rows += [(r, c + i) for i in range(n)]
+
+    def is_vision(r, p):
+        return any(a <= p < b for a, b in ranges[r])
+
+    groups = {}
+    for s in group_starts:
+        alive = [i for i, (r, p) in enumerate(rows) if not (is_vision(r, p) and ks[r] <= s)]
+        compacted = [bool(ranges[r]) and ks[r] <= s for r in range(len(ks))]
+        logical = [
+            p - sum(is_vision(r, q) for q in range(p)) if compacted[r] else p
+            for r, p in (rows[i] for i in alive)
+        ]
+        seq_lens = [
+            c + n - (sum(is_vision(r, q) for q in range(c + n)) if compacted[r] else 0)
+            for r, (n, c) in enumerate(zip(num_scheduled, num_computed, strict=True))
+        ]
+        groups[s] = (alive, logical, seq_lens)
+    return rows, groups
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_random_batches_match_simulation(seed):
+    rng = np.random.default_rng(seed)
+    num_layers, group_starts = 8, [0, 2, 4, 6]
+    num_reqs = int(rng.integers(1, 5))
+    ranges, ks, num_computed, num_scheduled = [], [], [], []
+    for _ in range(num_reqs):
+        length = int(rng.integers(3, 40))
+        images = []
+        if rng.random() < 0.7:  # up to two images at random offsets
+            for a in sorted(rng.choice(length, size=int(rng.integers(1, 3)) * 2, replace=False))[
+                ::2
+            ]:
+                images.append((int(a), int(min(length, a + rng.integers(1, 8)))))
+            images = [r for i, r in enumerate(images) if i == 0 or r[0] >= images[i - 1][1]]
+        ranges.append(tuple(images))
+        ks.append(int(rng.choice([2, 4, 6, num_layers])))
+        c = int(rng.integers(0, length))
+        num_computed.append(c)
+        num_scheduled.append(int(rng.integers(1, length - c + 2)))
+    plan = plan_step(num_scheduled, num_computed, ks, ranges, group_starts)
+    rows, expected = _simulate(num_scheduled, num_computed, ks, ranges, group_starts)
+    if plan is None:
+        assert all(e[0] == list(range(len(rows))) for e in expected.values())
+        return
+    for s, (alive, logical, seq_lens) in expected.items():
+        layout = plan.groups.get(s)
+        if layout is None:  # stock layout: every row, original positions
+            assert alive == list(range(len(rows)))
+            continue
+        assert layout.alive_index.tolist() == alive
+        assert layout.logical_positions.tolist() == logical
+        assert layout.seq_lens.tolist() == seq_lens
+        counts = np.diff(layout.query_start_loc)
+        assert counts.tolist() == [sum(rows[i][0] == r for i in alive) for r in range(num_reqs)]
+    # The model's rows after each withdrawal are exactly what the next group sees.
+    current = np.arange(len(rows))
+    for w in plan.withdrawals:
+        current = current[w.keep_index]
+        assert current.tolist() == expected[w.layer][0]
+    assert plan.out_index.tolist() == current.tolist()

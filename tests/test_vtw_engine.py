@@ -1,0 +1,132 @@
+"""VTW on the real vLLM engine (CPU) against stock vLLM and the transformers reference.
+
+One VTW engine per fixture with ``vtw_layer_group_size=1`` (every K allowed), so a
+single engine serves every K through ``SamplingParams.extra_args``.
+"""
+
+import pytest
+import torch
+from conftest import assert_close, vllm_engine
+
+from vtw_vllm.testing import get_fixture, make_test_image
+from vtw_vllm.testing.reference import vtw_generate
+
+pytestmark = pytest.mark.engine
+NUM_LAYERS = 8
+MAX_TOKENS = 6
+# (prompt, image seeds, image size): images at different offsets, two images, no image.
+REQUESTS = [
+    ("USER: <image>\nWhat is in the picture? ASSISTANT:", [0], (336, 336)),
+    (
+        "A chat between a curious user and an artificial intelligence assistant. "
+        "USER: <image>\nDescribe the colours and the shapes, left to right. ASSISTANT:",
+        [1],
+        (640, 480),
+    ),
+    ("USER: <image>\n<image>\nCompare the two pictures. ASSISTANT:", [2, 3], (336, 336)),
+    ("USER: Tell me a short story about a red triangle. ASSISTANT:", [], None),
+    ("USER: Look at this <image> and say what it shows. ASSISTANT:", [4], (300, 800)),
+]
+
+
+def _prompt(i: int) -> dict:
+    text, seeds, size = REQUESTS[i]
+    prompt = {"prompt": text}
+    if seeds:
+        images = [make_test_image(s, size=size) for s in seeds]
+        prompt["multi_modal_data"] = {"image": images if len(images) > 1 else images[0]}
+    return prompt
+
+
+def _params(k: int | None = None):
+    from vllm import SamplingParams
+
+    extra = None if k is None else {"vtw_k": k}
+    return SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=-1, extra_args=extra)
+
+
+def _first_logprobs(output) -> torch.Tensor:
+    first = output.outputs[0].logprobs[0]
+    values = torch.full((max(first) + 1,), float("-inf"))
+    for token_id, lp in first.items():
+        values[token_id] = lp.logprob
+    return values
+
+
+def _generate(llm, indices: list[int], ks: list[int | None]):
+    return llm.generate([_prompt(i) for i in indices], [_params(k) for k in ks])
+
+
+def _engine_args(arch: str) -> dict:
+    return dict(
+        hf_overrides={"architectures": [arch], "vtw_layer_group_size": 1},
+        limit_mm_per_prompt={"image": 2},
+    )
+
+
+@pytest.fixture(scope="module")
+def llava_dir() -> str:
+    return str(get_fixture("llava"))
+
+
+@pytest.fixture(scope="module")
+def stock_outputs(llava_dir):
+    with vllm_engine(llava_dir, limit_mm_per_prompt={"image": 2}) as llm:
+        return _generate(llm, list(range(len(REQUESTS))), [None] * len(REQUESTS))
+
+
+@pytest.fixture(scope="module")
+def vtw_llava(llava_dir, stock_outputs):  # after the stock engine is gone
+    with vllm_engine(llava_dir, **_engine_args("LlavaVTWForConditionalGeneration")) as llm:
+        yield llm
+
+
+def test_k_equals_n_is_stock(vtw_llava, stock_outputs):
+    indices = list(range(len(REQUESTS)))
+    for ks in ([None] * len(indices), [NUM_LAYERS] * len(indices)):
+        for out, ref in zip(_generate(vtw_llava, indices, ks), stock_outputs, strict=True):
+            assert out.outputs[0].token_ids == ref.outputs[0].token_ids
+            assert_close(_first_logprobs(out), _first_logprobs(ref), atol=1e-4, what="logprobs")
+
+
+@pytest.mark.parametrize("k", [1, NUM_LAYERS // 2, NUM_LAYERS - 1])
+def test_matches_reference(vtw_llava, llava_dir, k):
+    indices = list(range(len(REQUESTS)))
+    outputs = _generate(vtw_llava, indices, [k] * len(indices))
+    for i, out in zip(indices, outputs, strict=True):
+        text, seeds, size = REQUESTS[i]
+        images = [make_test_image(s, size=size) for s in seeds]
+        ref = vtw_generate(llava_dir, text, images, k, MAX_TOKENS)
+        assert out.prompt_token_ids == ref.prompt_token_ids
+        assert list(out.outputs[0].token_ids) == ref.token_ids, f"request {i}, K={k}"
+        vllm_lp = _first_logprobs(out)
+        assert_close(vllm_lp, ref.first_logprobs[: len(vllm_lp)], atol=1e-3, what=f"req {i}")
+
+
+def test_vtw_changes_image_requests_only(vtw_llava, stock_outputs):
+    outputs = _generate(vtw_llava, [0, 3], [1, 1])
+    assert outputs[0].outputs[0].token_ids != stock_outputs[0].outputs[0].token_ids
+    assert outputs[1].outputs[0].token_ids == stock_outputs[3].outputs[0].token_ids
+
+
+def test_mixed_k_batch_equals_solo_runs(vtw_llava):
+    indices, ks = [0, 1, 2, 3, 4, 0], [2, 5, NUM_LAYERS, 3, 7, 6]
+    batch = _generate(vtw_llava, indices, ks)
+    for i, k, out in zip(indices, ks, batch, strict=True):
+        (solo,) = _generate(vtw_llava, [i], [k])
+        assert out.outputs[0].token_ids == solo.outputs[0].token_ids, f"request {i}, K={k}"
+        assert_close(_first_logprobs(out), _first_logprobs(solo), atol=1e-4, what="logprobs")
+
+
+def test_llava_next_matches_reference():
+    model_dir = str(get_fixture("llava_next"))
+    indices = [0, 1, 3]  # anyres: 336x336 -> 1176 and 640x480 -> 2340 vision tokens
+    ks = [2, NUM_LAYERS // 2, NUM_LAYERS]
+    with vllm_engine(model_dir, **_engine_args("LlavaNextVTWForConditionalGeneration")) as llm:
+        outputs = _generate(llm, indices * len(ks), [k for k in ks for _ in indices])
+    for j, out in enumerate(outputs):
+        i, k = indices[j % len(indices)], ks[j // len(indices)]
+        text, seeds, size = REQUESTS[i]
+        ref = vtw_generate(model_dir, text, [make_test_image(s, size=size) for s in seeds], k, 6)
+        assert out.prompt_token_ids == ref.prompt_token_ids
+        assert list(out.outputs[0].token_ids) == ref.token_ids, f"request {i}, K={k}"
