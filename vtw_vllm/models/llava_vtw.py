@@ -22,10 +22,12 @@ from vllm.model_executor.models.llava import LlavaForConditionalGeneration
 from vllm.model_executor.models.llava_next import LlavaNextForConditionalGeneration
 from vllm.v1.kv_cache_interface import replace_as
 
+from vtw_vllm import validation
 from vtw_vllm.config import VTWConfig
 from vtw_vllm.kernels.gather_rows import gather_rows_auto
 from vtw_vllm.kv_cache import VTWAttentionSpec
 from vtw_vllm.runner import FORWARD_CONTEXT_KEY, ModelPlan
+from vtw_vllm.validation import VTWRequestValidator
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +99,13 @@ class VTWModelConfigHook(VerifyAndUpdateConfig):
     def verify_and_update_config(vllm_config) -> None:
         vtw = VTWConfig.from_hf_config(vllm_config.model_config.hf_config)
         logger.info("VTW: default K=%s, allowed K=%s", vtw.default_k, vtw.allowed_k)
+        model_config = vllm_config.model_config
+        VTWRequestValidator.vtw_config = vtw
+        if validation.QUALNAME not in (model_config.logits_processors or []):
+            model_config.logits_processors = [
+                *(model_config.logits_processors or []),
+                validation.QUALNAME,
+            ]
         sched = vllm_config.scheduler_config
         if sched.scheduler_cls not in (None, "vtw_vllm.scheduler.VTWScheduler"):
             raise ValueError(f"VTW models need vtw_vllm's scheduler, got {sched.scheduler_cls}")
@@ -115,6 +124,12 @@ class VTWModelConfigHook(VerifyAndUpdateConfig):
         if vllm_config.cache_config.enable_prefix_caching:
             logger.info("VTW: prefix caching is off (compacted deep-layer blocks are not hashed)")
             vllm_config.cache_config.enable_prefix_caching = False
+        # A request rejected by VTWRequestValidator was already rendered, so its images sit
+        # in the front end's multimodal processor cache but never reached the engine's;
+        # the next request with the same image would then fail (cache drift). The engine's
+        # encoder cache is unaffected by this setting.
+        if model_config.multimodal_config is not None:
+            model_config.multimodal_config.mm_processor_cache_gb = 0
         # Withdrawal changes the row count inside the model: no torch.compile/CUDA graphs.
         vllm_config.model_config.enforce_eager = True
         # The runner mixin extends vLLM's V1 model runner, which CUDA must then use too.

@@ -76,11 +76,21 @@ def _last_logits_with_withdrawal(model, embeds, is_vision: torch.Tensor, k: int)
 
 @torch.no_grad()
 def vtw_generate(
-    model_dir: str, prompt: str, images: list[Image.Image], k: int, max_tokens: int
+    model_dir: str,
+    prompt: str,
+    images: list[Image.Image],
+    k: int,
+    max_tokens: int,
+    add_special_tokens: bool = True,  # False for chat-rendered prompts (no BOS), as vLLM
 ) -> ReferenceResult:
     """Greedy VTW generation; ``k >= num_hidden_layers`` is the plain model."""
     model, processor = _load(str(model_dir))
-    inputs = processor(text=prompt, images=images or None, return_tensors="pt")
+    inputs = processor(
+        text=prompt,
+        images=images or None,
+        return_tensors="pt",
+        add_special_tokens=add_special_tokens,
+    )
     prompt_ids = inputs["input_ids"][0]
     embeds = _merged_input_embeds(model, inputs) if images else None
     if embeds is None:
