@@ -1,9 +1,17 @@
 """Shared helpers: one real vLLM engine per test module (an engine start costs ~30 s)."""
 
+import base64
 import contextlib
 import gc
+import io
+import json
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 
+import httpx
 import pytest
 import torch
 
@@ -49,3 +57,79 @@ def assert_close(
             for i in worst.indices.tolist()
         ]
         pytest.fail(f"{what} differ (max {diff.max():.3g} > atol {atol}):\n" + "\n".join(rows))
+
+
+# -- the shared `vllm serve` process (tests/test_server.py, tests/test_soak.py) ---------
+
+SERVER_KV_BYTES = 12 * 2**20  # 96 blocks of 128 tokens x 2 layers: a few image requests
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def vtw_server(tmp_path_factory):
+    """``vllm serve`` on loopback: the tiny LLaVA with VTW, default K=4, layer groups of
+    2 (allowed K 2, 4, 6, 8), a small KV budget. Yields base URL, model and log path."""
+    from vtw_vllm.testing import get_fixture
+
+    model_dir = str(get_fixture("llava"))
+    port = _free_port()
+    overrides = {
+        "architectures": ["LlavaVTWForConditionalGeneration"],
+        "vtw_k": 4,
+        "vtw_layer_group_size": 2,
+    }
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model_dir,
+        "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+        "--max-model-len", "2048", "--enforce-eager", "--max-logprobs", "-1",
+        "--kv-cache-memory-bytes", str(SERVER_KV_BYTES), "--max-num-seqs", "16",
+        "--limit-mm-per-prompt", json.dumps({"image": 2}),
+        "--hf-overrides", json.dumps(overrides),
+    ]  # fmt: skip
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"vllm serve exited:\n{log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"vllm serve did not start:\n{log_path.read_text()[-3000:]}")
+            time.sleep(2)
+        yield {"base": base, "model": model_dir, "log": log_path}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def data_url(seed: int) -> str:
+    """A fixture image as a PNG data URL (the tests have no network)."""
+    from vtw_vllm.testing import make_test_image
+
+    buf = io.BytesIO()
+    make_test_image(seed).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def metric(server: dict, name: str) -> float:
+    """A Prometheus metric from the server, summed over its label sets."""
+    text = httpx.get(f"{server['base']}/metrics", timeout=10).text
+    values = [
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.split("{")[0].split(" ")[0] == name
+    ]
+    assert values, f"{name} not in /metrics"
+    return sum(values)

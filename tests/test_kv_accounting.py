@@ -1,7 +1,11 @@
 """Deep-layer KV holds no vision tokens: blocks per layer group follow the formula at
 every step for every allowed K, and every block returns to the pool. In-process engine,
 scheduler inspected between steps; deployment-wide default K=4 through ``hf_overrides``,
-layer groups of 2 (allowed K: 2, 4, 6, 8), per-request K through ``extra_args``."""
+layer groups of 2 (allowed K: 2, 4, 6, 8), per-request K through ``extra_args``.
+
+The KV budget (191 usable blocks of 32 tokens x 2 layers) holds the six requests (four
+with an image) at K <= 4 (<= 40 blocks per image request) but not at K = 6 (58) or 8
+(76): the K = 8 run goes through preemption and recompute."""
 
 import math
 import os
@@ -31,6 +35,8 @@ def engine():
             },
             block_size=BLOCK_SIZE,
             max_num_batched_tokens=256,  # chunked prefill: one chunk holds only vision tokens
+            kv_cache_memory_bytes=6 * 2**20,
+            max_model_len=1024,
         ) as llm:
             yield llm
     finally:
@@ -79,16 +85,19 @@ def test_blocks_follow_formula_every_step_and_return(engine, k):
     pool = sched.kv_cache_manager.block_pool
     managers = sched.kv_cache_manager.coordinator.single_type_managers
     free_at_start = pool.get_num_free_blocks()
-    for i, prompt in enumerate(_prompts()):
+    prompts = _prompts() * 2
+    for i, prompt in enumerate(prompts):
         engine.llm_engine.add_request(f"k{k}-r{i}", prompt, _params(k))
     request_k = K if k is None else k
 
-    outputs, checked, saw_vision_only_chunk = {}, 0, False
+    outputs, checked, saw_vision_only_chunk, preempted = {}, 0, False, set()
     while engine.llm_engine.has_unfinished_requests():
         for out in engine.llm_engine.step():
             if out.finished:
                 outputs[out.request_id] = out
         for req_id, request in sched.requests.items():
+            if request.num_preemptions:
+                preempted.add(req_id)
             ranges = vision_ranges(request.mm_features)
             n = request.num_computed_tokens
             if ranges and n == 512:  # the chunk [256, 512) was vision tokens only
@@ -101,14 +110,17 @@ def test_blocks_follow_formula_every_step_and_return(engine, k):
                 )
                 checked += 1
     assert checked > 40 and saw_vision_only_chunk
+    if request_k == 8:  # K=6 waits at admission instead; K=8 is admitted and preempted
+        assert preempted
     assert pool.get_num_free_blocks() == free_at_start
 
-    # Chunked prefill, per-request or default K: still the reference's tokens.
+    # Chunked prefill, preemption, per-request or default K: still the reference's tokens.
     model_dir = str(get_fixture("llava"))
     for i, prompt in enumerate(_prompts()[:2]):
         image = prompt["multi_modal_data"]["image"]
         ref = vtw_generate(model_dir, prompt["prompt"], [image], request_k, MAX_TOKENS)
-        assert list(outputs[f"k{k}-r{i}"].outputs[0].token_ids) == ref.token_ids
+        for req_id in (f"k{k}-r{i}", f"k{k}-r{i + 3}"):  # the same request, twice in the batch
+            assert list(outputs[req_id].outputs[0].token_ids) == ref.token_ids, req_id
 
 
 def test_bad_k_is_rejected_offline_without_leaking(engine):
