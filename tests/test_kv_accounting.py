@@ -152,3 +152,20 @@ def test_aborted_requests_return_every_block(engine):
         engine.llm_engine.step()
     assert not sched.requests
     assert pool.get_num_free_blocks() == free_at_start
+
+
+def test_prefix_caching_is_off_not_wrong(engine):
+    """vLLM enables prefix caching by default; VTW turns it off (logged) rather than let
+    compacted deep blocks be matched by hashes of the uncompacted sequence. Identical
+    prompts in one batch (test above) and prompts differing only in their image still
+    get their own reference answers."""
+    assert engine.llm_engine.vllm_config.cache_config.enable_prefix_caching is False
+    model_dir = str(get_fixture("llava"))
+    prompt = "USER: <image>\nWhat is it? ASSISTANT:"
+    images = [make_test_image(20), make_test_image(21)]
+    outputs = engine.generate(
+        [{"prompt": prompt, "multi_modal_data": {"image": im}} for im in images], _params(2)
+    )
+    for image, out in zip(images, outputs, strict=True):
+        ref = vtw_generate(model_dir, prompt, [image], 2, MAX_TOKENS)
+        assert list(out.outputs[0].token_ids) == ref.token_ids

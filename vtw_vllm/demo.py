@@ -1,45 +1,152 @@
-"""The main job: build the tiny LLaVA-1.5-shaped checkpoint and generate from it with vLLM.
+"""The main job: the same LLaVA requests through stock vLLM and through VTW, side by side.
 
-Usage: ``python -m vtw_vllm.demo [--model DIR] [--num-prompts N]``.
+``python -m vtw_vllm.demo [--model DIR] [--vtw-k K]`` (default: the tiny LLaVA-1.5-shaped
+fixture, K = N/2). For each engine it prints the answers, prompt tokens, the KV blocks
+each request held (read from the scheduler's block tables) and the time. Each engine
+runs in its own child process with the engine core in-process, so its scheduler can be
+inspected; nothing is estimated.
 """
 
-import argparse
-import time
+from __future__ import annotations
 
-from vtw_vllm.testing import get_fixture, make_test_image
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MARKER = "VTW_DEMO_JSON "
+QUESTIONS = [
+    "What is in the picture?",
+    "Describe the colours and the shapes you can see.",
+    "Which shape is the largest?",
+    "Is there a red square?",
+]
+
+
+def _architecture(model: str, vtw: bool) -> str:
+    config = json.loads((Path(model) / "config.json").read_text())
+    base = "LlavaNext" if "LlavaNext" in config["architectures"][0] else "Llava"
+    return f"{base}{'VTW' if vtw else ''}ForConditionalGeneration"
+
+
+def run_engine(model: str, vtw_k: int | None, num_prompts: int, max_tokens: int) -> dict:
+    """Generate with one engine (stock when vtw_k is None) and measure it."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the scheduler lives in this process
+    from vllm import LLM, SamplingParams
+
+    from vtw_vllm.testing import make_test_image
+
+    overrides = {"architectures": [_architecture(model, vtw_k is not None)]}
+    if vtw_k is not None:
+        overrides["vtw_k"] = vtw_k
+    llm = LLM(
+        model=model,
+        hf_overrides=overrides,
+        max_model_len=4096,
+        max_num_seqs=8,
+        kv_cache_memory_bytes=256 * 2**20,
+        enable_prefix_caching=False,  # VTW runs without it: compare like with like
+        enforce_eager=True,
+    )
+    sched = llm.llm_engine.engine_core.engine_core.scheduler
+    groups = sched.kv_cache_config.kv_cache_groups
+    bytes_per_block = [g.kv_cache_spec.page_size_bytes * len(g.layer_names) for g in groups]
+    managers = sched.kv_cache_manager.coordinator.single_type_managers
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    for i in range(num_prompts):
+        prompt = f"USER: <image>\n{QUESTIONS[i % len(QUESTIONS)]} ASSISTANT:"
+        image = make_test_image(seed=100 + i)
+        llm.llm_engine.add_request(
+            str(i), {"prompt": prompt, "multi_modal_data": {"image": image}}, params
+        )
+
+    peak_blocks: dict[str, list[int]] = {}
+    outputs = {}
+    start = time.perf_counter()
+    while llm.llm_engine.has_unfinished_requests():
+        for out in llm.llm_engine.step():
+            if out.finished:
+                outputs[out.request_id] = out
+        for req_id in sched.requests:
+            held = [len(m.req_to_blocks[req_id]) for m in managers]
+            peak = peak_blocks.setdefault(req_id.split("-")[0], [0] * len(held))
+            peak_blocks[req_id.split("-")[0]] = [max(a, b) for a, b in zip(peak, held, strict=True)]
+    elapsed = time.perf_counter() - start
+    requests = []
+    for req_id, out in sorted(outputs.items(), key=lambda kv: int(kv[0])):
+        blocks = peak_blocks[req_id.split("-")[0]]
+        requests.append(
+            {
+                "answer": out.outputs[0].text,
+                "prompt_tokens": len(out.prompt_token_ids),
+                "kv_blocks": blocks,
+                "kv_mib": sum(b * n for b, n in zip(blocks, bytes_per_block, strict=True)) / 2**20,
+            }
+        )
+    return {
+        "groups": [len(g.layer_names) for g in groups],
+        "seconds": elapsed,
+        "requests": requests,
+        "num_layers": llm.llm_engine.vllm_config.model_config.hf_text_config.num_hidden_layers,
+    }
+
+
+def _child(model: str, vtw_k: int | None, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, "-m", "vtw_vllm.demo", "--child", "--model", model]
+    cmd += ["--num-prompts", str(args.num_prompts), "--max-tokens", str(args.max_tokens)]
+    if vtw_k is not None:
+        cmd += ["--vtw-k", str(vtw_k)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith(MARKER):
+            return json.loads(line[len(MARKER) :])
+    raise RuntimeError(f"engine run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", help="a llava-hf checkpoint directory (default: tiny fixture)")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="llava-hf checkpoint dir (default: tiny fixture)")
+    parser.add_argument("--vtw-k", type=int, help="withdrawal layer (default: N/2)")
     parser.add_argument("--num-prompts", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    from vllm import LLM, SamplingParams
+    if args.model is None:
+        from vtw_vllm.testing import get_fixture
 
-    model = args.model or str(get_fixture("llava"))
-    llm = LLM(
-        model=model,
-        dtype="float32",
-        max_model_len=2048,
-        max_num_seqs=8,
-        kv_cache_memory_bytes=256 * 2**20,
-        enforce_eager=True,
+        args.model = str(get_fixture("llava"))
+    if args.child:
+        result = run_engine(args.model, args.vtw_k, args.num_prompts, args.max_tokens)
+        print(MARKER + json.dumps(result), flush=True)
+        return
+
+    print(f"model: {args.model}\nstarting the stock engine ...", flush=True)
+    stock = _child(args.model, None, args)
+    k = args.vtw_k if args.vtw_k is not None else stock["num_layers"] // 2
+    print(f"starting the VTW engine (K={k} of {stock['num_layers']} layers) ...", flush=True)
+    vtw = _child(args.model, k, args)
+
+    print(f"\n{'':4} {'stock vLLM':<44} {'VTW K=' + str(k):<44}")
+    for i, (a, b) in enumerate(zip(stock["requests"], vtw["requests"], strict=True)):
+        print(f"#{i:<3} {a['answer'][:42]!r:<44} {b['answer'][:42]!r:<44}")
+        print(
+            f"{'':4} {a['prompt_tokens']} prompt tokens, KV blocks {a['kv_blocks']} "
+            f"({a['kv_mib']:.2f} MiB){'':3} {b['prompt_tokens']} prompt tokens, "
+            f"KV blocks {b['kv_blocks']} ({b['kv_mib']:.2f} MiB)"
+        )
+    stock_mib = sum(r["kv_mib"] for r in stock["requests"])
+    vtw_mib = sum(r["kv_mib"] for r in vtw["requests"])
+    print(
+        f"\nKV cache groups (layers each): stock {stock['groups']}, VTW {vtw['groups']}\n"
+        f"KV memory held: stock {stock_mib:.2f} MiB, VTW {vtw_mib:.2f} MiB "
+        f"({vtw_mib / stock_mib:.2f}x)\n"
+        f"generation time: stock {stock['seconds']:.2f} s, VTW {vtw['seconds']:.2f} s "
+        f"(2-core CPU timings are indicative only; see benchmarks/)"
     )
-    prompts = [
-        {
-            "prompt": f"USER: <image>\nDescribe picture number {i}. ASSISTANT:",
-            "multi_modal_data": {"image": make_test_image(seed=i)},
-        }
-        for i in range(args.num_prompts)
-    ]
-    start = time.perf_counter()
-    outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=args.max_tokens))
-    elapsed = time.perf_counter() - start
-    for out in outputs:
-        print(f"[{len(out.prompt_token_ids)} prompt tokens] {out.outputs[0].text!r}")
-    print(f"{len(outputs)} requests in {elapsed:.1f} s (model: {model})")
 
 
 if __name__ == "__main__":
