@@ -20,5 +20,6 @@ setup(
     },
     entry_points={
         "vllm.general_plugins": ["vtw_vllm = vtw_vllm:register"],
+        "console_scripts": ["vtw-vllm = vtw_vllm.cli:main"],
     },
 )

@@ -1,0 +1,108 @@
+"""The ``vtw-vllm`` command: ``vtw-vllm calibrate ...`` (see :mod:`vtw_vllm.calibrate`).
+
+Everything the user gives is checked before the engine starts (an engine start costs
+tens of seconds); bad input exits with status 2 and one line saying what is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _calibrate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "calibrate",
+        help="choose the withdrawal layer K by KL divergence (the VTW paper's method)",
+        description="KL(standard || VTW) of the next-token distribution for every "
+        "candidate K on a few samples; the first K with mean KL < eta is chosen.",
+    )
+    p.add_argument("--model", required=True, help="local llava-hf checkpoint directory")
+    p.add_argument(
+        "--data",
+        required=True,
+        help='JSONL of {"image": path or data URL, "prompt": text}, or a folder of images '
+        "with prompts.jsonl or prompts.txt",
+    )
+    p.add_argument("--eta", type=float, default=0.003, help="KL threshold (paper: 0.003)")
+    p.add_argument("--samples", type=int, default=20, help="samples to use (paper: 20)")
+    p.add_argument("--candidates", type=int, nargs="+", help="K values (default: all allowed)")
+    p.add_argument(
+        "--num-tokens",
+        type=int,
+        default=1,
+        help="average KL over the first m answer tokens, teacher-forced (default 1)",
+    )
+    p.add_argument(
+        "--layer-group-size",
+        type=int,
+        help="KV layer group size of the deployment (default: the model's, else 4); "
+        "candidates are limited to its multiples",
+    )
+    p.add_argument("--plot", type=Path, help="write the KL vs K plot (PNG) here")
+    p.add_argument("--table", type=Path, help="write the markdown table here")
+    p.add_argument("--write-config", action="store_true", help="write vtw_k into the model")
+    p.add_argument(
+        "--engine-args",
+        default="{}",
+        help="extra vllm.LLM arguments as JSON, e.g. '{\"max_model_len\": 4096}'",
+    )
+    p.set_defaults(run=_calibrate)
+
+
+def _calibrate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    from vtw_vllm import calibrate as cal
+
+    try:
+        engine_args = json.loads(args.engine_args)
+        if not isinstance(engine_args, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as exc:
+        parser.error(f"--engine-args: {exc}")
+    if args.samples < 1 or args.num_tokens < 1:
+        parser.error("--samples and --num-tokens must be >= 1")
+    try:
+        cal.vtw_architecture(args.model)
+        samples = cal.load_samples(args.data, limit=args.samples)
+    except cal.CalibrationError as exc:
+        parser.error(str(exc))
+    print(f"{len(samples)} samples from {args.data}", flush=True)
+    try:
+        result = cal.calibrate(
+            args.model,
+            samples,
+            eta=args.eta,
+            candidates=args.candidates,
+            num_tokens=args.num_tokens,
+            layer_group_size=args.layer_group_size,
+            **engine_args,
+        )
+    except cal.CalibrationError as exc:
+        parser.error(str(exc))
+    table = result.to_markdown()
+    print(table)
+    print(cal.summary_line(result))
+    if args.table:
+        args.table.parent.mkdir(parents=True, exist_ok=True)
+        args.table.write_text(table + "\n")
+    if args.plot:
+        print(f"plot: {cal.plot_kl(result, args.plot)}")
+    if args.write_config:
+        if result.chosen_k is None:
+            parser.error("--write-config: no K reached the threshold; config left unchanged")
+        path = cal.write_vtw_k(args.model, result.chosen_k, args.layer_group_size)
+        print(f"wrote vtw_k={result.chosen_k} into {path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="vtw-vllm", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _calibrate_parser(sub)
+    args = parser.parse_args(argv)
+    args.run(args, sub.choices[args.command])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
