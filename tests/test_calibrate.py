@@ -8,7 +8,6 @@ checked against the same KL computed from the independent transformers reference
 import base64
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -47,10 +46,11 @@ def samples() -> list[cal.CalibrationSample]:
 
 @pytest.fixture(scope="module")
 def llm(model_dir):
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     engine = cal.make_engine(model_dir, layer_group_size=1, **ENGINE_ARGS)
-    yield engine
-    del engine
+    try:
+        yield engine
+    finally:  # a later module's engine must not inherit this one's processes
+        engine.llm_engine.engine_core.shutdown()
 
 
 @pytest.fixture(scope="module")
