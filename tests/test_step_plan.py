@@ -49,7 +49,7 @@ def _simulate(num_scheduled, num_computed, ks, ranges, group_starts):
     return rows, groups
 
 
-@pytest.mark.parametrize("seed", range(20))
+@pytest.mark.parametrize("seed", range(200))
 def test_random_batches_match_simulation(seed):
     rng = np.random.default_rng(seed)
     num_layers, group_starts = 8, [0, 2, 4, 6]
@@ -59,9 +59,8 @@ def test_random_batches_match_simulation(seed):
         length = int(rng.integers(3, 40))
         images = []
         if rng.random() < 0.7:  # up to two images at random offsets
-            for a in sorted(rng.choice(length, size=int(rng.integers(1, 3)) * 2, replace=False))[
-                ::2
-            ]:
+            size = min(length, int(rng.integers(1, 3)) * 2)
+            for a in sorted(rng.choice(length, size=size, replace=False))[::2]:
                 images.append((int(a), int(min(length, a + rng.integers(1, 8)))))
             images = [r for i, r in enumerate(images) if i == 0 or r[0] >= images[i - 1][1]]
         ranges.append(tuple(images))
@@ -90,3 +89,15 @@ def test_random_batches_match_simulation(seed):
         current = current[w.keep_index]
         assert current.tolist() == expected[w.layer][0]
     assert plan.out_index.tolist() == current.tolist()
+
+
+def test_decode_step_compacts_without_vision_rows():
+    # Decode: one token each, past the images (the bulk path). A: K=2, image at 1-4,
+    # position 9; B: K=8, image at 0-2, position 5; C: no image, position 3.
+    plan = plan_step([1, 1, 1], [9, 5, 3], [2, 8, 2], [((1, 5),), ((0, 3),), ()], [0, 2, 4, 6])
+    assert plan.withdrawals == []  # nothing is withdrawn in a decode step ...
+    g = plan.groups[2]  # ... but A's deep groups index its compacted KV
+    assert g.logical_positions.tolist() == [9 - 4, 5, 3]
+    assert g.positions.tolist() == [9, 5, 3]
+    assert g.seq_lens.tolist() == [10 - 4, 6, 4]
+    assert g.query_start_loc.tolist() == [0, 1, 2, 3]

@@ -76,10 +76,16 @@ def plan_step(
     req_idx = np.repeat(np.arange(num_reqs), num_scheduled)
     pos = num_computed[req_idx] + np.arange(num_tokens) - starts[req_idx]
 
+    # Decode steps (and late prefill chunks) schedule only tokens past the request's last
+    # image: none is vision and all of the request's vision tokens lie before them. Those
+    # requests are handled in bulk; only requests whose step reaches into an image loop.
+    vision_count = np.array([sum(b - a for a, b in r) for r in request_ranges], dtype=np.int64)
+    last_end = np.array([r[-1][1] if r else 0 for r in request_ranges], dtype=np.int64)
     is_vision = np.zeros(num_tokens, dtype=bool)
-    vision_before = np.zeros(num_tokens, dtype=np.int64)  # vision positions < pos, same request
-    vision_total = np.zeros(num_reqs, dtype=np.int64)  # vision positions < seq_len
-    for r in np.flatnonzero(has_vision):
+    vision_before = vision_count[req_idx]  # vision positions < pos, same request
+    vision_total = vision_count.copy()  # vision positions < seq_len
+    for r in np.flatnonzero(has_vision & (num_computed < last_end)):
+        vision_before[starts[r] : ends[r]] = 0
         p = pos[starts[r] : ends[r]]
         for a, b in request_ranges[r]:
             is_vision[starts[r] : ends[r]] |= (p >= a) & (p < b)
