@@ -15,6 +15,7 @@ import base64
 import io
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,8 +103,9 @@ def _open_image(ref: str, base: Path, where: str) -> Image.Image:
         raise CalibrationError(f"{where}: cannot read image {path} ({exc})") from exc
 
 
-def _from_jsonl(path: Path, limit: int | None) -> list[CalibrationSample]:
-    samples = []
+def image_rows(path: Path, expected: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """("file:line", row) for every non-empty line of a JSONL file whose rows are objects
+    with an ``"image"`` string; CalibrationError naming the line otherwise."""
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
@@ -113,9 +115,13 @@ def _from_jsonl(path: Path, limit: int | None) -> list[CalibrationSample]:
         except json.JSONDecodeError as exc:
             raise CalibrationError(f"{where}: not valid JSON ({exc.msg})") from exc
         if not isinstance(row, dict) or not isinstance(row.get("image"), str):
-            raise CalibrationError(
-                f'{where}: expected {{"image": path or data URL, "prompt": ...}}'
-            )
+            raise CalibrationError(f"{where}: expected {expected}")
+        yield where, row
+
+
+def _from_jsonl(path: Path, limit: int | None) -> list[CalibrationSample]:
+    samples = []
+    for where, row in image_rows(path, '{"image": path or data URL, "prompt": ...}'):
         if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
             raise CalibrationError(f'{where}: "prompt" must be a non-empty string')
         samples.append(

@@ -1,4 +1,5 @@
-"""The ``vtw-vllm`` command: ``vtw-vllm calibrate ...`` (see :mod:`vtw_vllm.calibrate`).
+"""The ``vtw-vllm`` command: ``calibrate`` (:mod:`vtw_vllm.calibrate`) and ``evaluate``
+(:mod:`vtw_vllm.quality.evaluate`).
 
 Everything the user gives is checked before the engine starts (an engine start costs
 tens of seconds); bad input exits with status 2 and one line saying what is wrong.
@@ -55,12 +56,7 @@ def _calibrate_parser(sub: argparse._SubParsersAction) -> None:
 def _calibrate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     from vtw_vllm import calibrate as cal
 
-    try:
-        engine_args = json.loads(args.engine_args)
-        if not isinstance(engine_args, dict):
-            raise ValueError("not a JSON object")
-    except ValueError as exc:
-        parser.error(f"--engine-args: {exc}")
+    engine_args = _engine_args(args.engine_args, parser)
     if args.samples < 1 or args.num_tokens < 1:
         parser.error("--samples and --num-tokens must be >= 1")
     try:
@@ -96,10 +92,67 @@ def _calibrate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         print(f"wrote vtw_k={result.chosen_k} into {path}")
 
 
+def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="accuracy on a POPE/MME-style VQA file, stock (K = N) and with VTW at each K",
+        description="Greedy answers from one VTW engine, one pass per K (per-request K).",
+    )
+    p.add_argument("--model", required=True, help="local llava-hf checkpoint directory")
+    p.add_argument(
+        "--data",
+        required=True,
+        help='JSONL of {"image", "question" (or "text"), "answer" (or "label"), "type"}',
+    )
+    p.add_argument("--k", type=int, nargs="+", help="K values (default: the model's and N)")
+    p.add_argument("--limit", type=int, help="evaluate only the first questions")
+    p.add_argument("--first-word", action="store_true", help="compare first words only")
+    p.add_argument("--layer-group-size", type=int, help="KV layer group size (default: 4)")
+    p.add_argument("--table", type=Path, help="write the markdown table here")
+    p.add_argument("--engine-args", default="{}", help="extra vllm.LLM arguments as JSON")
+    p.set_defaults(run=_evaluate)
+
+
+def _evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    from vtw_vllm import calibrate as cal
+    from vtw_vllm.config import VTWConfig
+    from vtw_vllm.quality import evaluate as ev
+
+    engine_args = _engine_args(args.engine_args, parser)
+    try:
+        cal.vtw_architecture(args.model)
+        items = ev.load_eval_file(args.data, limit=args.limit)
+    except cal.CalibrationError as exc:
+        parser.error(str(exc))
+    print(f"{len(items)} questions from {args.data}", flush=True)
+    llm = cal.make_engine(args.model, args.layer_group_size, **engine_args)
+    vtw = VTWConfig.from_hf_config(llm.llm_engine.vllm_config.model_config.hf_config)
+    ks = args.k or sorted({vtw.default_k or vtw.num_layers, vtw.num_layers})
+    bad = [k for k in ks if k not in vtw.allowed_k]
+    if bad:
+        parser.error(f"--k {bad}: this engine allows {vtw.allowed_k}")
+    table = ev.to_markdown(ev.evaluate(llm, items, ks, args.first_word))
+    print(table)
+    if args.table:
+        args.table.parent.mkdir(parents=True, exist_ok=True)
+        args.table.write_text(table + "\n")
+
+
+def _engine_args(text: str, parser: argparse.ArgumentParser) -> dict:
+    try:
+        engine_args = json.loads(text)
+        if not isinstance(engine_args, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as exc:
+        parser.error(f"--engine-args: {exc}")
+    return engine_args
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="vtw-vllm", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _calibrate_parser(sub)
+    _evaluate_parser(sub)
     args = parser.parse_args(argv)
     args.run(args, sub.choices[args.command])
 

@@ -10,7 +10,7 @@ Triton), timed with ``time.perf_counter``.
     python benchmarks/kernels/bench_gather_rows.py --tokens 512 --hidden 256 --out /tmp/b
 
 Appends one CSV row per (config, method) to ``<out>/gather_rows.csv`` and writes this
-run's table to ``<out>/gather_rows_<device>.md``.
+run's table and plot to ``<out>/gather_rows_<device>.{md,png}``.
 """
 
 from __future__ import annotations
@@ -162,6 +162,33 @@ def write_results(rows: list[dict], out: Path, label: str) -> tuple[Path, Path]:
     return csv_path, md_path
 
 
+def plot_results(rows: list[dict], path: Path, label: str) -> Path:
+    """GB/s per method vs batch tokens, one panel per hidden size, copy as the ceiling."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hiddens = sorted({int(r["hidden"]) for r in rows})
+    fig, axes = plt.subplots(1, len(hiddens), figsize=(5 * len(hiddens), 3.5), squeeze=False)
+    for ax, hidden in zip(axes[0], hiddens, strict=True):
+        mine = [r for r in rows if int(r["hidden"]) == hidden]
+        for method in dict.fromkeys(r["method"] for r in mine):
+            pts = [(int(r["tokens"]), float(r["gbps"])) for r in mine if r["method"] == method]
+            style = "--" if method == "copy" else "-"
+            ax.plot(*zip(*pts, strict=True), style, marker="o", label=method)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens in the batch")
+        ax.set_ylabel("GB/s (useful bytes)")
+        ax.set_title(f"hidden {hidden}")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"gather_rows, {label}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 16384])
@@ -192,7 +219,9 @@ def main() -> None:
             ):
                 rows.append({**meta, **row})
                 print(" ".join(f"{k}={row[k]}" for k in FIELDS if k in row), flush=True)
-    for path in write_results(rows, args.out, label):
+    csv_path, md_path = write_results(rows, args.out, label)
+    png_path = plot_results(rows, md_path.with_suffix(".png"), label)
+    for path in (csv_path, md_path, png_path):
         print(f"wrote {path}")
 
 
