@@ -172,3 +172,12 @@ def test_folder_of_images_with_one_prompt(tmp_path):
     samples = cal.load_samples(tmp_path)
     assert [s.prompt for s in samples] == ["First?", "Second?"]
     assert np.array_equal(np.asarray(samples[0].image), np.asarray(make_test_image(2)))
+
+
+def test_calib_data_tool_writes_what_calibrate_reads(tmp_path):
+    from vtw_vllm.testing.__main__ import main
+
+    main(["calib-data", "--out", str(tmp_path), "--samples", "5"])
+    samples = cal.load_samples(tmp_path / "prompts.jsonl")
+    assert len(samples) == 5 and samples[0].image.size == (336, 336)
+    assert all("<image>" in s.prompt for s in samples)

@@ -1,8 +1,10 @@
 """The main job: the same LLaVA requests through stock vLLM and through VTW, side by side.
 
-``python -m vtw_vllm.demo [--model DIR] [--vtw-k K]`` (default: the tiny LLaVA-1.5-shaped
-fixture, K = N/2). For each engine it prints the answers, prompt tokens, the KV blocks
-each request held (read from the scheduler's block tables) and the time. Each engine
+``python -m vtw_vllm.demo [--model DIR] [--vtw-k K]`` (default: the shipped shapes-VQA
+LLaVA, ``checkpoints/vqa-tiny``, asked held-out questions whose answers it knows, so the
+answers can be checked; any other llava-hf directory gets generic questions; K = N/2).
+For each engine it prints the answers, prompt tokens, the KV blocks each request held
+(read from the scheduler's block tables) and the time. Each engine
 runs in its own child process with the engine core in-process, so its scheduler can be
 inspected; nothing is estimated.
 """
@@ -18,6 +20,7 @@ import time
 from pathlib import Path
 
 MARKER = "VTW_DEMO_JSON "
+TRAINED = Path(__file__).resolve().parents[1] / "checkpoints" / "vqa-tiny"
 QUESTIONS = [
     "What is in the picture?",
     "Describe the colours and the shapes you can see.",
@@ -32,12 +35,33 @@ def _architecture(model: str, vtw: bool) -> str:
     return f"{base}{'VTW' if vtw else ''}ForConditionalGeneration"
 
 
+def demo_requests(model: str, n: int) -> list[tuple[str, object, str | None]]:
+    """(prompt, image, expected answer or None): the shapes-VQA task's held-out questions
+    for a model trained on it (its directory holds ``training_log.json``), else generic
+    questions about the fixtures' test images."""
+    if (Path(model) / "training_log.json").is_file():
+        from vtw_vllm.quality import task
+
+        return [
+            (f"USER: <image>\n{qa.question} ASSISTANT:", scene.render(), qa.answer)
+            for scene, qa in task.held_out(n)
+        ]
+    from vtw_vllm.testing import make_test_image
+
+    return [
+        (
+            f"USER: <image>\n{QUESTIONS[i % len(QUESTIONS)]} ASSISTANT:",
+            make_test_image(100 + i),
+            None,
+        )
+        for i in range(n)
+    ]
+
+
 def run_engine(model: str, vtw_k: int | None, num_prompts: int, max_tokens: int) -> dict:
     """Generate with one engine (stock when vtw_k is None) and measure it."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the scheduler lives in this process
     from vllm import LLM, SamplingParams
-
-    from vtw_vllm.testing import make_test_image
 
     overrides = {"architectures": [_architecture(model, vtw_k is not None)]}
     if vtw_k is not None:
@@ -56,9 +80,7 @@ def run_engine(model: str, vtw_k: int | None, num_prompts: int, max_tokens: int)
     bytes_per_block = [g.kv_cache_spec.page_size_bytes * len(g.layer_names) for g in groups]
     managers = sched.kv_cache_manager.coordinator.single_type_managers
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-    for i in range(num_prompts):
-        prompt = f"USER: <image>\n{QUESTIONS[i % len(QUESTIONS)]} ASSISTANT:"
-        image = make_test_image(seed=100 + i)
+    for i, (prompt, image, _) in enumerate(demo_requests(model, num_prompts)):
         llm.llm_engine.add_request(
             str(i), {"prompt": prompt, "multi_modal_data": {"image": image}}, params
         )
@@ -110,12 +132,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="llava-hf checkpoint dir (default: tiny fixture)")
     parser.add_argument("--vtw-k", type=int, help="withdrawal layer (default: N/2)")
-    parser.add_argument("--num-prompts", type=int, default=4)
+    parser.add_argument("--num-prompts", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    if args.model is None:
+    if args.model is None and (TRAINED / "config.json").is_file():
+        args.model = str(TRAINED)
+    elif args.model is None:
         from vtw_vllm.testing import get_fixture
 
         args.model = str(get_fixture("llava"))
@@ -131,8 +155,12 @@ def main() -> None:
     vtw = _child(args.model, k, args)
 
     print(f"\n{'':4} {'stock vLLM':<44} {'VTW K=' + str(k):<44}")
+    asked = demo_requests(args.model, args.num_prompts)
     for i, (a, b) in enumerate(zip(stock["requests"], vtw["requests"], strict=True)):
-        print(f"#{i:<3} {a['answer'][:42]!r:<44} {b['answer'][:42]!r:<44}")
+        prompt, _, expected = asked[i]
+        question = prompt.split("\n", 1)[1].removesuffix(" ASSISTANT:")
+        print(f"#{i:<3} {question}" + (f"  (expected: {expected})" if expected else ""))
+        print(f"{'':4} {a['answer'][:42]!r:<44} {b['answer'][:42]!r:<44}")
         print(
             f"{'':4} {a['prompt_tokens']} prompt tokens, KV blocks {a['kv_blocks']} "
             f"({a['kv_mib']:.2f} MiB){'':3} {b['prompt_tokens']} prompt tokens, "

@@ -169,6 +169,13 @@ def offline(kind: str, vtw: bool, args: argparse.Namespace) -> dict[str, Any]:
             engine.step()
             if prefilled is None and all(r.num_output_tokens >= 1 for r in sched.requests.values()):
                 prefilled = time.perf_counter()
+                # The prefill/decode split means something only if the whole batch runs at
+                # once (else "decode" times a second wave): the KV budget must hold it.
+                if len(sched.running) != len(batch):
+                    raise RuntimeError(
+                        f"{len(sched.running)} of {len(batch)} requests running after prefill: "
+                        "raise --kv-mib so the timed batch fits stock and VTW alike"
+                    )
         end = time.perf_counter()
         prefilled = prefilled or end
         return prefilled - start, end - prefilled
@@ -458,8 +465,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--decode-tokens", type=int, default=32)
-    parser.add_argument("--kv-mib", type=int, default=64)
-    parser.add_argument("--kv-bound-requests", type=int, default=32)
+    parser.add_argument("--kv-mib", type=int, default=128)
+    parser.add_argument("--kv-bound-requests", type=int, default=48)
     parser.add_argument("--kv-bound-tokens", type=int, default=16)
     parser.add_argument("--online-requests", type=int, default=16)
     parser.add_argument("--concurrency", type=int, default=8)

@@ -1,4 +1,9 @@
-"""Train a tiny LLaVA-1.5-shaped model on the synthetic shapes VQA task (CPU, minutes).
+"""Train a tiny LLaVA-1.5-shaped model on the synthetic shapes VQA task (CPU).
+
+STATUS: this does not yet produce a model good enough for the quality report. Measured
+here (2 cores): every run so far stays near the answer priors, 40-47% held-out accuracy
+(no-image priors: ~40%), after up to 1,500 steps (~25 min); the target is >= 90%. See the
+issue notes for what was tried. The two stages and the evaluation around it work.
 
     python -m vtw_vllm.quality.train --out checkpoints/vqa-tiny [--steps N] [--seed S]
 
@@ -10,7 +15,7 @@ from scratch, then saves it in the llava-hf layout through the fixture builder's
 so stock vLLM and the VTW plugin load it like a hub checkpoint.
 
 Training format, as in LLaVA-1.5's instruction tuning: one image, several questions
-(multi-turn, which amortises the 576 vision tokens over ~10 supervised answers)::
+(multi-turn, which amortises the 576 vision tokens over ~20 supervised answers)::
 
     <s>USER: <image>\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>...
 
@@ -82,6 +87,11 @@ def informative_vision_init(model: LlavaForConditionalGeneration) -> None:
         for patch in range(side * side):
             row, col = divmod(patch, side)
             position[1 + patch, 3 + (row // per_cell) * task.GRID + col // per_cell] = 3.0
+    # The projector's output starts 10x larger than its 0.02-std init gives: otherwise the
+    # image-dependent part of each vision token is drowned in the residual stream of the
+    # deeper layers, and even "what colour is this one-colour image?" took 100+ steps
+    # here instead of 30.
+    model.model.multi_modal_projector.linear_2.weight.data.mul_(10.0)
 
 
 def scene_labels(scenes: list[task.Scene]) -> tuple[torch.Tensor, torch.Tensor]:

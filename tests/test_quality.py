@@ -1,0 +1,148 @@
+"""The shapes-VQA task and the evaluation entry point (``vtw-vllm evaluate``)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vtw_vllm.quality import evaluate as ev
+from vtw_vllm.quality import task
+
+
+def test_answers_follow_from_the_scene():
+    for seed in range(200):
+        scene, qa = task.make_sample(seed)
+        objs = scene.objects
+        assert len({(o.row, o.col) for o in objs}) == len(objs), "one shape per cell"
+        if qa.type == "exist":
+            assert qa.answer in ("yes", "no")
+        if qa.type == "count":
+            colour = qa.question.split()[2]
+            assert task.NUMBER_WORDS.index(qa.answer) == sum(o.colour == colour for o in objs)
+        if qa.type == "colour":
+            assert qa.answer in task.COLOURS
+
+
+def test_images_are_deterministic_and_depend_on_the_scene():
+    a, _ = task.make_sample(task.HELD_OUT_SEED)
+    b, _ = task.make_sample(task.HELD_OUT_SEED)
+    c, _ = task.make_sample(task.HELD_OUT_SEED + 1)
+    assert a.render().tobytes() == b.render().tobytes()
+    assert a.render().tobytes() != c.render().tobytes()
+    assert a.render().size == (336, 336)
+
+
+def test_exist_answers_are_balanced():
+    answers = [task.make_sample(s, "exist")[1].answer for s in range(400)]
+    assert 0.4 < answers.count("yes") / len(answers) < 0.6
+
+
+@pytest.mark.parametrize(
+    ("prediction", "answer", "first_word", "right"),
+    [
+        ("Two.", "two", False, True),
+        ("2", "two", False, True),
+        ("top left", "top left", False, True),
+        ("top", "top left", False, False),
+        ("Yes, there is.", "yes", True, True),
+        ("Yes, there is.", "yes", False, False),
+        ("No", "yes", True, False),
+    ],
+)
+def test_is_correct(prediction, answer, first_word, right):
+    assert ev.is_correct(prediction, answer, first_word) is right
+
+
+def _write(tmp_path: Path, rows: list) -> Path:
+    task.make_sample(0)[0].render().save(tmp_path / "a.png")
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_load_eval_file_accepts_pope_and_mme_names(tmp_path):
+    path = _write(
+        tmp_path,
+        [
+            {"image": "a.png", "text": "Is there a cat?", "label": "no", "category": "random"},
+            {"image": "a.png", "question": "What colour?", "answer": "red"},
+        ],
+    )
+    items = ev.load_eval_file(path)
+    assert [(i.question, i.answer, i.type) for i in items] == [
+        ("Is there a cat?", "no", "random"),
+        ("What colour?", "red", "all"),
+    ]
+    assert items[0].image.size == (336, 336)
+    assert len(ev.load_eval_file(path, limit=1)) == 1
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        (["{not json"], "not valid JSON"),
+        ([{"image": "missing.png", "question": "q", "answer": "a"}], "image not found"),
+        ([{"image": "a.png", "answer": "a"}], "'question' or 'text'"),
+        ([{"image": "a.png", "question": "q", "answer": ""}], "'answer' or 'label'"),
+        ([{"question": "q", "answer": "a"}], "expected"),
+        ([""], "no questions"),
+    ],
+)
+def test_load_eval_file_errors(tmp_path, rows, message):
+    with pytest.raises(ev.EvaluationError, match=message):
+        ev.load_eval_file(_write(tmp_path, rows))
+
+
+@pytest.mark.parametrize(
+    ("data", "model", "message"),
+    [
+        ("missing.jsonl", None, "data file not found"),
+        ("data.jsonl", Path("/nonexistent"), "no config.json"),
+    ],
+)
+def test_evaluate_cli_rejects_bad_input_before_starting_an_engine(tmp_path, data, model, message):
+    from vtw_vllm.testing import get_fixture
+
+    _write(tmp_path, [{"image": "a.png", "question": "q", "answer": "a"}])
+    model = model or get_fixture("llava")
+    cmd = [sys.executable, "-m", "vtw_vllm.cli", "evaluate", "--model", str(model)]
+    proc = subprocess.run(
+        [*cmd, "--data", str(tmp_path / data)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2
+    assert message in proc.stderr
+
+
+def test_score_per_type():
+    items = [ev.EvalItem(None, "q", "yes", "exist"), ev.EvalItem(None, "q", "red", "colour")]
+    acc = ev.score(items, ["yes", "blue"])
+    assert acc.per_type == {"colour": 0.0, "exist": 1.0}
+    assert acc.overall == 0.5
+
+
+@pytest.mark.engine
+def test_evaluate_cli_end_to_end(tmp_path):
+    """``vtw-vllm evaluate`` on a tiny fixture: one engine, a table row per K, and the
+    same answers at K = N as stock vLLM gives (checked through the prediction scores)."""
+    from vtw_vllm.testing import get_fixture
+
+    rows = [
+        {"image": "a.png", "question": "What colour is it?", "answer": "red", "type": "colour"},
+        {"image": "a.png", "text": "Is there a circle?", "label": "yes", "category": "exist"},
+    ]
+    data = _write(tmp_path, rows)
+    table = tmp_path / "acc.md"
+    proc = subprocess.run(
+        [sys.executable, "-m", "vtw_vllm.cli", "evaluate", "--model", str(get_fixture("llava")),
+         "--data", str(data), "--k", "4", "8", "--table", str(table),
+         "--engine-args", json.dumps({"dtype": "float32", "max_model_len": 1024,
+                                      "kv_cache_memory_bytes": 64 * 2**20})],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 questions" in proc.stdout
+    lines = table.read_text().splitlines()
+    assert lines[0] == "| K | colour | exist | all |"
+    assert [line.split("|")[1].strip() for line in lines[2:]] == ["4", "8"]
