@@ -79,7 +79,9 @@ def run_engine(model: str, vtw_k: int | None, num_prompts: int, max_tokens: int)
     groups = sched.kv_cache_config.kv_cache_groups
     bytes_per_block = [g.kv_cache_spec.page_size_bytes * len(g.layer_names) for g in groups]
     managers = sched.kv_cache_manager.coordinator.single_type_managers
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    # min_tokens=1: a request whose first token is </s> would finish inside its prefill
+    # step and free its blocks before they can be read.
+    params = SamplingParams(temperature=0.0, max_tokens=max(2, max_tokens), min_tokens=1)
     for i, (prompt, image, _) in enumerate(demo_requests(model, num_prompts)):
         llm.llm_engine.add_request(
             str(i), {"prompt": prompt, "multi_modal_data": {"image": image}}, params
