@@ -124,8 +124,9 @@ def test_score_per_type():
 
 @pytest.mark.engine
 def test_evaluate_cli_end_to_end(tmp_path):
-    """``vtw-vllm evaluate`` on a tiny fixture: one engine, a table row per K, and the
-    same answers at K = N as stock vLLM gives (checked through the prediction scores)."""
+    """``vtw-vllm evaluate`` on a tiny fixture: it reads the file (both field spellings),
+    starts one engine and writes a table row per requested K. (Random weights: the
+    accuracies themselves mean nothing; K = N equals stock in test_vtw_engine.py.)"""
     from vtw_vllm.testing import get_fixture
 
     rows = [

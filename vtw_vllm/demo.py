@@ -1,8 +1,9 @@
 """The main job: the same LLaVA requests through stock vLLM and through VTW, side by side.
 
-``python -m vtw_vllm.demo [--model DIR] [--vtw-k K]`` (default: the shipped shapes-VQA
-LLaVA, ``checkpoints/vqa-tiny``, asked held-out questions whose answers it knows, so the
-answers can be checked; any other llava-hf directory gets generic questions; K = N/2).
+``python -m vtw_vllm.demo [--model DIR] [--vtw-k K]`` (default: ``checkpoints/vqa-tiny``
+if you have trained it with ``vtw_vllm.quality.train``, asked held-out questions with
+known answers; else the tiny random-weight LLaVA-1.5 fixture with generic questions;
+K = N/2).
 For each engine it prints the answers, prompt tokens, the KV blocks each request held
 (read from the scheduler's block tables) and the time. Each engine
 runs in its own child process with the engine core in-process, so its scheduler can be
@@ -132,7 +133,9 @@ def _child(model: str, vtw_k: int | None, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="llava-hf checkpoint dir (default: tiny fixture)")
+    parser.add_argument(
+        "--model", help="llava-hf checkpoint dir (default: checkpoints/vqa-tiny, else fixture)"
+    )
     parser.add_argument("--vtw-k", type=int, help="withdrawal layer (default: N/2)")
     parser.add_argument("--num-prompts", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=16)

@@ -51,11 +51,10 @@ ENGINE_ARGS = dict(
 TOKEN_TYPES = ("system", "vision", "instruction", "output")
 
 
-def write_heldout(out: Path, n: int) -> Path:
+def write_heldout(folder: Path, n: int) -> Path:
     """The first ``n`` held-out samples as PNG files + ``heldout.jsonl`` (relative paths)."""
     from vtw_vllm.quality import task
 
-    folder = out
     folder.mkdir(parents=True, exist_ok=True)
     lines = []
     for i, (scene, qa) in enumerate(task.held_out(n)):

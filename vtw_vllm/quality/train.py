@@ -1,8 +1,9 @@
 """Train a tiny LLaVA-1.5-shaped model on the synthetic shapes VQA task (CPU).
 
 STATUS: this does not yet produce a model good enough for the quality report. Measured
-here (2 cores): every run so far stays near the answer priors, 40-47% held-out accuracy
-(no-image priors: ~40%), after up to 1,500 steps (~25 min); the target is >= 90%. See the
+here (2 cores): every run so far stays near the answer priors, 34-47% held-out accuracy
+(39-41% at step 100, when the model answers from the question alone), after up to 1,500
+steps (~25 min); the target is >= 90%. See the
 issue notes for what was tried. The two stages and the evaluation around it work.
 
     python -m vtw_vllm.quality.train --out checkpoints/vqa-tiny [--steps N] [--seed S]
