@@ -17,6 +17,8 @@ Question types (one-word or two-word answers):
 - ``exist``: POPE-style "Is there a blue circle?" -> "yes"/"no"; half the negatives share
   the colour or the shape with an object in the scene (the "adversarial" POPE split).
 - ``position``: "Where is the green square?" -> "top left" (asked only when unique)
+
+Cells are named row word then column word ("top middle", "middle left", "centre").
 """
 
 from __future__ import annotations
@@ -40,11 +42,12 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "purple": (140, 45, 175),
 }
 SHAPES = ("circle", "square", "triangle")
-# Cell (row, col) -> name; the question says "at the {name}".
+# Cell (row, col) -> name; the question says "at the {name}". Row word then column word,
+# so a name is the composition of its two parts ("top" always means the top row).
 POSITIONS = (
-    ("top left", "top", "top right"),
-    ("left", "centre", "right"),
-    ("bottom left", "bottom", "bottom right"),
+    ("top left", "top middle", "top right"),
+    ("middle left", "centre", "middle right"),
+    ("bottom left", "bottom middle", "bottom right"),
 )
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 BACKGROUND = (235, 235, 235)
