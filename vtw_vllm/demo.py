@@ -1,8 +1,8 @@
 """The main job: the same LLaVA requests through stock vLLM and through VTW, side by side.
 
-``python -m vtw_vllm.demo [--model DIR] [--vtw-k K]`` (default: ``checkpoints/vqa-tiny``
-if you have trained it with ``vtw_vllm.quality.train``, asked held-out questions with
-known answers; else the tiny random-weight LLaVA-1.5 fixture with generic questions;
+``python -m vtw_vllm.demo [--model DIR] [--vtw-k K]`` (default: the shipped
+``checkpoints/vqa-tiny``, trained by ``vtw_vllm.quality.train``, asked held-out questions
+with known answers; if absent, the tiny random-weight LLaVA-1.5 fixture with generic questions;
 K = N/2).
 For each engine it prints the answers, prompt tokens, the KV blocks each request held
 (read from the scheduler's block tables) and the time. Each engine

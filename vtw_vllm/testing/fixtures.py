@@ -190,7 +190,14 @@ def _to_llava_hf_layout(out_dir: Path) -> None:
     for key, tensor in tensors.items():
         if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
             key = "vision_tower.vision_model." + key.removeprefix("vision_tower.")
-        elif not key.startswith(("language_model.", "multi_modal_projector.", "image_newline")):
+        elif not key.startswith(
+            (
+                "vision_tower.vision_model.",
+                "language_model.",
+                "multi_modal_projector.",
+                "image_newline",
+            )
+        ):  # a model loaded from this layout saves in it
             raise RuntimeError(f"unexpected weight name {key!r}: transformers changed its layout")
         renamed[key] = tensor.contiguous()
     save_file(renamed, path, metadata={"format": "pt"})
