@@ -1,15 +1,15 @@
 """Train a tiny LLaVA-1.5-shaped model on the synthetic shapes VQA task (CPU).
 
-    make train-vqa     # the three runs that made checkpoints/vqa-tiny (see the Makefile)
+    make train-vqa     # the four runs that made checkpoints/vqa-tiny (see the Makefile)
 
     python -m vtw_vllm.quality.train --out out/vqa-stage-a     # vision stage + 2000 steps
     python -m vtw_vllm.quality.train --init-from out/vqa-stage-a --out ... [options]
 
-STATUS: the shipped ``checkpoints/vqa-tiny`` came from these three runs (~45 min here,
-2 cores; logs in that folder): 81.5% held-out accuracy on stock vLLM (400 questions,
-``benchmarks/results/quality.md``), 10.5% without the image. The target is >= 90%: not
-met yet. Still climbing when stopped (79% teacher-forced after stage b, 79.5% after c);
-position questions lag (71%).
+STATUS: the shipped ``checkpoints/vqa-tiny`` came from these four runs (~55 min here,
+2 cores; logs in that folder): 85.5% held-out accuracy on stock vLLM (400 questions,
+``benchmarks/results/quality.md``), 19% without the image. The target is >= 90%: not
+met yet. Still climbing when stopped (teacher-forced: 67.5%, 79%, 79.5%, 85% after each
+run; the all-576-token runs gave most of the gain).
 
 Why: VTW's accuracy/K trade-off can only be measured on a model that reads its image;
 random-init fixtures do not. This trains the *whole* model (CLIP-style tower with patch
