@@ -176,7 +176,7 @@ def test_packed_training_rows_equal_single_turn_prompts():
         logits, targets = train.answer_logits(model, packed, pixels)
         alone = [
             train.answer_logits(
-                model, train.collate([enc.dialogue([qa])], tokenizer.pad_token_id), pixels
+                model, train.collate([enc.single_turn(qa)], tokenizer.pad_token_id), pixels
             )
             for qa in qas
         ]
