@@ -207,3 +207,25 @@ def test_shipped_checkpoint_reads_its_image():
     print(f"stock {stock.per_type} {stock.overall}; no image {no_image.overall}")
     assert stock.overall >= 0.75  # 85.5% on 400 questions in the report
     assert no_image.overall <= stock.overall - 0.25
+
+
+def test_vision_probe_reads_what_the_init_builds_in():
+    """benchmarks/quality/probe_vision.py: its linear probe recovers the grid cell and colour
+    that ``informative_vision_init`` writes into every patch (positive control), and finds
+    no more than the majority label for shape there (a flat-coloured patch does not show
+    its shape before training)."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "quality"))
+    import probe_vision
+
+    from vtw_vllm.quality import train
+    from vtw_vllm.testing import fixtures
+
+    torch.manual_seed(0)
+    tokenizer = fixtures.build_tokenizer()
+    enc = train.Encoder(train.build_processor(tokenizer))
+    table = probe_vision.probe_vision(probe_vision.load("init", tokenizer), enc, 24, 8)
+    assert table["cell"][0] >= 0.95 and table["colour"][0] >= 0.95, table
+    assert table["cell"][1] < 0.3 and table["colour"][1] < 0.5, table  # not a trivial label
+    assert table["shape"][0] < table["shape"][1] + 0.1, table
