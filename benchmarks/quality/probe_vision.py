@@ -3,8 +3,9 @@ vision tokens (what its language model reads), per patch at least half covered b
 
     python benchmarks/quality/probe_vision.py [--model checkpoints/vqa-tiny | init]
 
-Why: the shipped shapes-VQA model plateaus below the accuracy wanted, and its errors are
-shape and cell confusions (e.g. "Is there a red circle?" -> "yes" next to a red square).
+Why: the shipped shapes-VQA model plateaus below the accuracy wanted; most of its errors
+are "no" existence questions answered "yes", colour answers naming another colour and
+position answers naming the wrong row or column.
 This asks whether the tower's tokens still name their grid cell, the shape's colour, its
 kind and the colour-kind pair, as the trainer's vision stage taught them. ``--model init``
 probes the untrained model right after ``informative_vision_init`` (the reference: cell

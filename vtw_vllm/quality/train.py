@@ -12,10 +12,10 @@ yet (teacher-forced: 67.5%, 79%, 79.5%, 85% after each run). Longer training no 
 helps: +1500 all-576 steps reached 87%, +1300 more (48 questions per image) stayed at
 85.5-87%. The likely cause (``benchmarks/quality/probe_vision.py``): the vision tokens
 lost the shape and grid-cell information the vision stage taught (linear probes: shape
-at the majority-label rate, cell 22% vs 12.6%), and the remaining errors are shape and cell
-confusions. Next: keep the vision stage's targets as an auxiliary loss through the whole
-language-model stage, from scratch (added to an already trained model, it did not bring
-them back in 300 steps).
+at the majority-label rate, cell 22% vs 12.6%), and the remaining errors fit that (false
+"yes" to existence questions, wrong colour or cell). Next: keep the vision stage's
+targets as an auxiliary loss through the whole language-model stage, from scratch (added
+to an already trained model, it did not bring them back in 300 steps).
 
 Why: VTW's accuracy/K trade-off can only be measured on a model that reads its image;
 random-init fixtures do not. This trains the *whole* model (CLIP-style tower with patch
