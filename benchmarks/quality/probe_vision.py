@@ -23,11 +23,7 @@ from transformers import LlavaForConditionalGeneration
 from vtw_vllm.quality import task, train
 from vtw_vllm.testing import fixtures
 
-SIDE = task.IMAGE_SIZE // fixtures._PATCH_SIZE  # 24 patches per side
-PER_CELL = SIDE // task.GRID  # 8
-CELL_OF_TOKEN = (torch.arange(SIDE * SIDE) // SIDE // PER_CELL) * task.GRID + (
-    torch.arange(SIDE * SIDE) % SIDE // PER_CELL
-)
+CELL_OF_TOKEN = train.grid_cell_of_tokens()
 
 
 @torch.no_grad()
@@ -37,12 +33,7 @@ def covered_features(
     """Projected vision tokens of the covered patches, [M, hidden], and their labels."""
     scenes = [task.sample_scene(seed)[0] for seed in seeds]
     images = [scene.render() for scene in scenes]
-    features = model.model.get_image_features(
-        pixel_values=enc.pixel_values(images),
-        vision_feature_layer=model.config.vision_feature_layer,
-        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
-    ).pooler_output
-    features = torch.stack(list(features))
+    features = train.image_features(model, enc.pixel_values(images))
     covered = train.object_patches(images)
     colour, shape = (labels[:, CELL_OF_TOKEN] for labels in train.scene_labels(scenes))
     labels = {

@@ -126,6 +126,24 @@ def informative_vision_init(model: LlavaForConditionalGeneration) -> None:
     model.model.multi_modal_projector.linear_2.weight.data.mul_(10.0)
 
 
+def grid_cell_of_tokens() -> torch.Tensor:
+    """[576]: the 3x3 grid cell (0..8, row-major) of each vision token (24x24 raster)."""
+    side = task.IMAGE_SIZE // fixtures._PATCH_SIZE  # 24 patches
+    per_cell = side // task.GRID  # 8
+    rows, cols = torch.arange(side * side) // side, torch.arange(side * side) % side
+    return (rows // per_cell) * task.GRID + cols // per_cell
+
+
+def image_features(model: LlavaForConditionalGeneration, pixels: torch.Tensor) -> torch.Tensor:
+    """The projected vision tokens, [B, 576, hidden], as the language model receives them."""
+    features = model.model.get_image_features(
+        pixel_values=pixels,
+        vision_feature_layer=model.config.vision_feature_layer,
+        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+    ).pooler_output
+    return torch.stack(list(features))
+
+
 def object_patches(images: list[Image.Image]) -> torch.Tensor:
     """[B, 576] bool: the patches at least half covered by a shape (not background)."""
     pixels = torch.from_numpy(np.stack([np.asarray(im) for im in images]))  # [B, H, W, 3]
@@ -162,13 +180,7 @@ def align_vision(
     that already carry the scene, the values it reads are informative from the start.
     Stage 2 trains every weight, the vision side included.
     """
-    side = task.IMAGE_SIZE // fixtures._PATCH_SIZE  # 24 patches
-    per_cell = side // task.GRID  # 8
-    rows, cols = (
-        torch.arange(side * side) // side,
-        torch.arange(side * side) % side,
-    )
-    cell_of_token = (rows // per_cell) * task.GRID + cols // per_cell  # [576]
+    cell_of_token = grid_cell_of_tokens()
     hidden = model.config.text_config.hidden_size
     n_colours, n_shapes, n_cells = 1 + len(task.COLOURS), 1 + len(task.SHAPES), task.GRID**2
     probe = torch.nn.Linear(hidden, n_colours + n_shapes + n_cells)
@@ -184,12 +196,7 @@ def align_vision(
         scenes = [task.sample_scene(seed + i)[0] for i in range(args.vision_batch_size)]
         seed += args.vision_batch_size
         images = [s.render() for s in scenes]
-        features = model.model.get_image_features(
-            pixel_values=enc.pixel_values(images),
-            vision_feature_layer=model.config.vision_feature_layer,
-            vision_feature_select_strategy=model.config.vision_feature_select_strategy,
-        ).pooler_output
-        features = torch.stack(list(features))  # [B, 576, hidden]
+        features = image_features(model, enc.pixel_values(images))
         logits = probe(torch.nn.functional.rms_norm(features, (hidden,)))
         on_object = object_patches(images)
         colour, shape = (labels[:, cell_of_token] * on_object for labels in scene_labels(scenes))
@@ -398,11 +405,7 @@ def sparse_answer_logits(
 ):
     """:func:`answer_logits` with only the ``kept`` vision tokens of each image in the
     sequence (their features gathered from the full tower output)."""
-    features = model.model.get_image_features(
-        pixel_values=pixels,
-        vision_feature_layer=model.config.vision_feature_layer,
-        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
-    ).pooler_output
+    features = image_features(model, pixels)
     features = torch.cat([f[index] for f, index in zip(features, kept, strict=True)])
     embeds = model.model.get_input_embeddings()(batch["input_ids"])
     where = (batch["input_ids"] == image_token_id)[..., None]
