@@ -182,6 +182,13 @@ def test_packed_training_rows_equal_single_turn_prompts():
         ]
     assert targets.tolist() == torch.cat([t for _, t in alone]).tolist()
     torch.testing.assert_close(logits, torch.cat([x for x, _ in alone]), atol=1e-4, rtol=1e-4)
+    # The trainer's own path (tower run once, then the packed rows) gives the same logits.
+    with torch.no_grad():
+        features = train.image_features(model, pixels)
+        trained_path, _ = train.packed_answer_logits(
+            model, packed, features, [None], enc.image_token_id
+        )
+    torch.testing.assert_close(trained_path, logits, atol=1e-5, rtol=1e-5)
 
 
 TRAINED = Path(__file__).resolve().parents[1] / "checkpoints" / "vqa-tiny"

@@ -171,7 +171,7 @@ class VisionProbe(torch.nn.Module):
     half covered by a shape, that shape's colour and kind (else colour "empty").
 
     The vision stage trains the tower through it; with ``--probe-weight`` it stays on as an
-    auxiliary loss in stage 2. Why: without it, the shipped model's tokens lost the shape
+    auxiliary loss in stage 2. Why: without it, the previous model's tokens lost the shape
     and cell the vision stage taught (``benchmarks/quality/probe_vision.py``: shape at the
     majority-label rate, cell 22%) and accuracy plateaued near 87%.
     """
