@@ -1,8 +1,11 @@
 """VTW on the real vLLM engine (CPU) against stock vLLM and the transformers reference.
 
 One VTW engine per fixture with ``vtw_layer_group_size=1`` (every K allowed), so a
-single engine serves every K through ``SamplingParams.extra_args``.
+single engine serves every K through ``SamplingParams.extra_args``. Stock and VTW run
+at vLLM's defaults here (torch.compile on, prefix caching on for stock), not eager.
 """
+
+import os
 
 import pytest
 import torch
@@ -57,10 +60,15 @@ def _generate(llm, indices: list[int], ks: list[int | None]):
     return llm.generate([_prompt(i) for i in indices], [_params(k) for k in ks])
 
 
+# vLLM's defaults: compiled (inductor on CPU), not the eager mode of ENGINE_DEFAULTS.
+COMPILED = dict(enforce_eager=False)
+
+
 def _engine_args(arch: str) -> dict:
     return dict(
         hf_overrides={"architectures": [arch], "vtw_layer_group_size": 1},
         limit_mm_per_prompt={"image": 2},
+        **COMPILED,
     )
 
 
@@ -71,12 +79,13 @@ def llava_dir() -> str:
 
 @pytest.fixture(scope="module")
 def stock_outputs(llava_dir):
-    with vllm_engine(llava_dir, limit_mm_per_prompt={"image": 2}) as llm:
+    with vllm_engine(llava_dir, limit_mm_per_prompt={"image": 2}, **COMPILED) as llm:
         return _generate(llm, list(range(len(REQUESTS))), [None] * len(REQUESTS))
 
 
 @pytest.fixture(scope="module")
 def vtw_llava(llava_dir, stock_outputs):  # after the stock engine is gone
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # LLM.apply_model in a test
     with vllm_engine(llava_dir, **_engine_args("LlavaVTWForConditionalGeneration")) as llm:
         yield llm
 
@@ -130,3 +139,28 @@ def test_llava_next_matches_reference():
         ref = vtw_generate(model_dir, text, [make_test_image(s, size=size) for s in seeds], k, 6)
         assert out.prompt_token_ids == ref.prompt_token_ids
         assert list(out.outputs[0].token_ids) == ref.token_ids, f"request {i}, K={k}"
+
+
+def _compile_state(model) -> dict:
+    from torch._dynamo.utils import counters
+
+    language_model = model.language_model.model  # vLLM's @support_torch_compile LlamaModel
+    return {
+        "compiled": getattr(language_model, "compiled", False),
+        "do_not_compile": language_model.do_not_compile,
+        "dynamo_graphs": counters["stats"]["unique_graphs"],
+        **model.vtw_forward_counts,
+    }
+
+
+def test_compiled_path_is_taken(vtw_llava):
+    """Steps without a withdrawal run vLLM's compiled language model; steps with one run
+    the withdrawal loop; both happen in one engine that is not eager."""
+    assert vtw_llava.llm_engine.vllm_config.model_config.enforce_eager is False
+    (before,) = vtw_llava.apply_model(_compile_state)
+    _generate(vtw_llava, [0, 3], [2, 2])  # image prefill withdraws; text + decode do not
+    (after,) = vtw_llava.apply_model(_compile_state)
+    assert before["compiled"] and not before["do_not_compile"], before
+    assert before["dynamo_graphs"] > 0, before
+    assert after["withdrawal"] > before["withdrawal"]
+    assert after["stock"] >= before["stock"] + MAX_TOKENS - 1  # every decode step

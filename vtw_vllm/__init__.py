@@ -17,24 +17,25 @@ def register() -> None:
     from vllm import ModelRegistry
 
     from vtw_vllm.kv_cache import register_kv_cache_spec
-    from vtw_vllm.vllm_patches import add_model_config_hook
+    from vtw_vllm.vllm_patches import add_model_config_hook, forget_rejected_request_images
 
     for arch, qualname in ARCHITECTURES.items():
         if arch not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(arch, qualname)
         add_model_config_hook(arch, _config_hook())
     register_kv_cache_spec()
+    forget_rejected_request_images()
 
 
 def _config_hook() -> type:
     from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
-    # The model module is imported lazily: it imports vLLM's LLaVA (and torchvision).
+    # Imported lazily: this module must stay cheap to import.
     class _LazyHook(VerifyAndUpdateConfig):
         @staticmethod
         def verify_and_update_config(vllm_config) -> None:
-            from vtw_vllm.models.llava_vtw import VTWModelConfigHook
+            from vtw_vllm.engine_config import VTWEngineConfigHook
 
-            VTWModelConfigHook.verify_and_update_config(vllm_config)
+            VTWEngineConfigHook.verify_and_update_config(vllm_config)
 
     return _LazyHook

@@ -255,7 +255,8 @@ def calibrate(
     if bad:
         raise CalibrationError(
             f"candidates {bad} are not allowed; this engine allows {vtw.allowed_k} "
-            f"(layer group size {vtw.group_size}; use a smaller vtw_layer_group_size)"
+            f"(KV layer groups start at {vtw.group_starts}; use a smaller "
+            f"vtw_layer_group_size or name them in vtw_allowed_k)"
         )
 
     def params(k: int, max_tokens: int) -> SamplingParams:

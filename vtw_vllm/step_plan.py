@@ -21,8 +21,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from vtw_vllm.vision_ranges import Ranges, vision_tokens_below
+
+# The model runner hands a step's ModelPlan to the model through this forward-context key.
+FORWARD_CONTEXT_KEY = "vtw_plan"
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """What the model forward needs from a step's plan, on the device."""
+
+    withdrawals: list[tuple[int, torch.Tensor]]  # (layer K, keep index into current rows)
+    out_index: torch.Tensor  # original rows of the rows leaving the last layer
 
 
 @dataclass(frozen=True)

@@ -32,3 +32,13 @@ def vision_tokens_below(ranges: Sequence[tuple[int, int]], n: int) -> int:
 def kept_tokens(ranges: Sequence[tuple[int, int]], n: int) -> int:
     """How many of the first n positions survive withdrawal (the text tokens)."""
     return n - vision_tokens_below(ranges, n)
+
+
+def request_vtw_info(vtw_config: Any, sampling_params: Any, mm_features: Any) -> tuple[int, Ranges]:
+    """(K, vision ranges) of one request, from its sampling params and multimodal features.
+
+    The scheduler (KV sizes) and the model runner (compaction) live in different
+    processes and must agree exactly, so both call this one function.
+    """
+    extra_args = sampling_params.extra_args if sampling_params is not None else None
+    return vtw_config.resolve_k(extra_args), vision_ranges(mm_features)

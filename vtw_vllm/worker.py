@@ -35,4 +35,10 @@ else:
 
     class VTWWorker(Worker):
         def _make_model_runner(self):
+            if self.vllm_config.use_v2_model_runner:
+                raise RuntimeError(
+                    "VTW extends vLLM's V1 model runner, but this engine's config selects "
+                    "the V2 runner (VLLM_USE_V2_MODEL_RUNNER was read before the VTW config "
+                    "hook set it to 0); start the engine with VLLM_USE_V2_MODEL_RUNNER=0"
+                )
             return VTWGPUModelRunner(self.vllm_config, self.device)
