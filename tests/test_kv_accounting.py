@@ -154,12 +154,10 @@ def test_aborted_requests_return_every_block(engine):
     assert pool.get_num_free_blocks() == free_at_start
 
 
-def test_prefix_caching_is_off_not_wrong(engine):
-    """vLLM enables prefix caching by default; VTW turns it off (logged) rather than let
-    compacted deep blocks be matched by hashes of the uncompacted sequence. Identical
-    prompts in one batch (test above) and prompts differing only in their image still
-    get their own reference answers."""
-    assert engine.llm_engine.vllm_config.cache_config.enable_prefix_caching is False
+def test_prompts_differing_only_in_their_image(engine):
+    """With prefix caching on (vLLM's default, kept by VTW), prompts differing only in
+    their image share no block past the image and get their own reference answers."""
+    assert engine.llm_engine.vllm_config.cache_config.enable_prefix_caching is True
     model_dir = str(get_fixture("llava"))
     prompt = "USER: <image>\nWhat is it? ASSISTANT:"
     images = [make_test_image(20), make_test_image(21)]

@@ -11,6 +11,8 @@ fill in their defaults. It changes only what VTW cannot run with and says so:
 - CUDA graphs: FULL graphs replay attention metadata from the addresses captured, and
   the compacted KV groups build theirs fresh each step, so FULL modes become PIECEWISE
   (attention outside the graphs, reading the forward context), with a log line;
+- prefix caching stays on (the VTW scheduler and KV managers key compacted blocks by
+  prefix and K, :mod:`vtw_vllm.kv_cache`); KV connectors and KV events are refused;
 - the multimodal processor cache stays on (a rejected request's images are dropped
   from it, :func:`vtw_vllm.vllm_patches.forget_rejected_request_images`);
 - pipeline parallelism and speculative decoding are refused.
@@ -62,9 +64,14 @@ class VTWEngineConfigHook(VerifyAndUpdateConfig):
         if vllm_config.speculative_config is not None:
             raise ValueError("VTW does not support speculative decoding yet")
 
-        if vllm_config.cache_config.enable_prefix_caching:
-            logger.info("VTW: prefix caching is off (compacted deep-layer blocks are not hashed)")
-            vllm_config.cache_config.enable_prefix_caching = False
+        # Prefix caching stays as the user set it (vLLM's default: on); the VTW scheduler
+        # does the lookup, which KV connectors (disaggregated prefill, offloading) bypass,
+        # and compacted blocks carry keys that KV-cache events would report unpaired.
+        if vllm_config.kv_transfer_config is not None:
+            raise ValueError("VTW does not support KV connectors (kv_transfer_config) yet")
+        events = vllm_config.kv_events_config
+        if events is not None and events.enable_kv_cache_events:
+            raise ValueError("VTW does not support KV cache events (kv_events_config) yet")
 
         _use_piecewise_cuda_graphs(vllm_config.compilation_config)
         # The runner mixin extends vLLM's V1 model runner, which CUDA must then use too;
