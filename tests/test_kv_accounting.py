@@ -138,6 +138,25 @@ def test_bad_k_is_rejected_offline_without_leaking(engine):
     assert pool.get_num_free_blocks() == free_at_start
 
 
+def test_rejected_request_leaves_the_mm_cache_consistent(engine):
+    """The multimodal processor cache stays on with VTW (vLLM's default); a request
+    rejected after rendering must not leave its image marked as sent to the engine."""
+    model_config = engine.llm_engine.vllm_config.model_config
+    assert model_config.multimodal_config.mm_processor_cache_gb > 0
+    from vllm.exceptions import VLLMValidationError
+
+    prompt = {
+        "prompt": "USER: <image>\nWhat is it? ASSISTANT:",
+        "multi_modal_data": {"image": make_test_image(99)},  # no other test sends it
+    }
+    with pytest.raises(VLLMValidationError):
+        engine.generate(prompt, _params(3))
+    ref = vtw_generate(str(get_fixture("llava")), prompt["prompt"], [make_test_image(99)], 2, 5)
+    for _ in range(2):
+        (out,) = engine.generate(prompt, _params(2))
+        assert list(out.outputs[0].token_ids) == ref.token_ids
+
+
 def test_aborted_requests_return_every_block(engine):
     sched = _scheduler(engine)
     pool = sched.kv_cache_manager.block_pool

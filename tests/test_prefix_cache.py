@@ -121,7 +121,7 @@ def test_caching_is_on(engine):
 def test_multi_turn_chat_hits_and_matches(engine, name):
     model_dir = str(get_fixture("llava"))
     engine.reset_prefix_cache()
-    previous = None  # (prompt + output token ids) of the previous turn
+    previous, previous_prompt = None, 0  # the previous turn's prompt + output, prompt length
     for turn, (text, seeds) in enumerate(_turns(CHATS[name])):
         (warm,) = engine.generate(_request(text, seeds), _params())
         ids = list(warm.prompt_token_ids)

@@ -93,5 +93,17 @@ def test_bad_vtw_k_is_http_400_and_server_keeps_serving(vtw_server, bad):
     assert good.status_code == 200
 
 
+def test_rejected_image_request_does_not_poison_the_mm_cache(vtw_server):
+    """The multimodal processor cache stays on with VTW. A request rejected for its
+    vtw_k was already rendered (its image entered the front end's cache) but never
+    reached the engine; the next request with that image must still be served."""
+    fresh = 77  # an image no other test sends
+    bad = _post(vtw_server, "chat/completions", _chat_body(vtw_server, seed=fresh, vtw_k=3))
+    assert bad.status_code == 400
+    for _ in range(2):  # the first good one re-sends the image; the second hits the cache
+        good = _post(vtw_server, "chat/completions", _chat_body(vtw_server, seed=fresh, vtw_k=2))
+        assert good.status_code == 200, good.text
+
+
 def test_no_request_left_running(vtw_server):
     assert metric(vtw_server, "vllm:num_requests_running") == 0
