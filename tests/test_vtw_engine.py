@@ -127,11 +127,23 @@ def test_mixed_k_batch_equals_solo_runs(vtw_llava):
         assert_close(_first_logprobs(out), _first_logprobs(solo), atol=1e-4, what="logprobs")
 
 
+def _group_starts(model) -> list[int]:
+    layers = model.language_model.model.layers
+    return sorted({layer.self_attn.attn.vtw_first_layer for layer in layers})
+
+
 def test_llava_next_matches_reference():
     model_dir = str(get_fixture("llava_next"))
     indices = [0, 1, 3]  # anyres: 336x336 -> 1176 and 640x480 -> 2340 vision tokens
     ks = [2, NUM_LAYERS // 2, NUM_LAYERS]
-    with vllm_engine(model_dir, **_engine_args("LlavaNextVTWForConditionalGeneration")) as llm:
+    args = _engine_args("LlavaNextVTWForConditionalGeneration")
+    args["hf_overrides"] = {  # the deployment names its K values: 3 KV groups, not 8
+        "architectures": ["LlavaNextVTWForConditionalGeneration"],
+        "vtw_allowed_k": [2, NUM_LAYERS // 2],
+    }
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # LLM.apply_model below
+    with vllm_engine(model_dir, **args) as llm:
+        assert llm.apply_model(_group_starts) == [[0, 2, 4]]
         outputs = _generate(llm, indices * len(ks), [k for k in ks for _ in indices])
     for j, out in enumerate(outputs):
         i, k = indices[j % len(indices)], ks[j // len(indices)]
