@@ -17,7 +17,11 @@ def register() -> None:
     from vllm import ModelRegistry
 
     from vtw_vllm.kv_cache import register_kv_cache_spec
-    from vtw_vllm.vllm_patches import add_model_config_hook, forget_rejected_request_images
+    from vtw_vllm.vllm_patches import (
+        add_model_config_hook,
+        forget_rejected_request_images,
+        validate_vtw_k_in_engine_core,
+    )
 
     for arch, qualname in ARCHITECTURES.items():
         if arch not in ModelRegistry.get_supported_archs():
@@ -25,6 +29,7 @@ def register() -> None:
         add_model_config_hook(arch, _config_hook())
     register_kv_cache_spec()
     forget_rejected_request_images()
+    validate_vtw_k_in_engine_core()
 
 
 def _config_hook() -> type:

@@ -15,19 +15,21 @@ fill in their defaults. It changes only what VTW cannot run with and says so:
   prefix and K, :mod:`vtw_vllm.kv_cache`); KV connectors and KV events are refused;
 - the multimodal processor cache stays on (a rejected request's images are dropped
   from it, :func:`vtw_vllm.vllm_patches.forget_rejected_request_images`);
-- pipeline parallelism and speculative decoding are refused.
+- pipeline parallelism, speculative decoding, LoRA, microbatching (DBO) and context
+  parallelism are refused; on CUDA the attention backend is FLASH_ATTN unless the user
+  names TRITON_ATTN (FlashInfer is refused).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 
 from vllm.config.compilation import CUDAGraphMode
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
 from vtw_vllm import validation
 from vtw_vllm.config import VTWConfig
+from vtw_vllm.vllm_patches import use_v1_model_runner
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +65,8 @@ class VTWEngineConfigHook(VerifyAndUpdateConfig):
             raise ValueError("VTW does not support pipeline parallelism yet")
         if vllm_config.speculative_config is not None:
             raise ValueError("VTW does not support speculative decoding yet")
+        _refuse_unsupported(vllm_config)
+        _choose_attention_backend(vllm_config.attention_config)
 
         # Prefix caching stays as the user set it (vLLM's default: on); the VTW scheduler
         # does the lookup, which KV connectors (disaggregated prefill, offloading) bypass,
@@ -76,7 +80,49 @@ class VTWEngineConfigHook(VerifyAndUpdateConfig):
         _use_piecewise_cuda_graphs(vllm_config.compilation_config)
         # The runner mixin extends vLLM's V1 model runner, which CUDA must then use too;
         # VTWWorker refuses to start if the config still says V2.
-        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        use_v1_model_runner()
+
+
+# Attention backends whose metadata takes a compacted batch as it is: every request's
+# query rows by query_start_loc, zero-row requests included, no decode/prefill split
+# by query length (FlashInfer splits, and a compacted request with 0 rows in a step would
+# be taken for a decode: silently wrong attention).
+SUPPORTED_ATTENTION_BACKENDS = ("FLASH_ATTN", "TRITON_ATTN", "CPU_ATTN")
+
+
+def _refuse_unsupported(vllm_config) -> None:
+    """Features that reinterpret the rows of a step, which VTW compacts mid-model."""
+    parallel = vllm_config.parallel_config
+    if vllm_config.lora_config is not None:
+        raise ValueError(
+            "VTW does not support LoRA yet (its per-token adapter indices cover every row "
+            "of a step, and VTW withdraws rows mid-model); start without --enable-lora"
+        )
+    if parallel.enable_dbo or parallel.ubatch_size > 1:
+        raise ValueError("VTW does not support microbatching (--enable-dbo / ubatch_size) yet")
+    if parallel.decode_context_parallel_size > 1 or parallel.prefill_context_parallel_size > 1:
+        raise ValueError("VTW does not support decode/prefill context parallelism yet")
+
+
+def _choose_attention_backend(attention_config) -> None:
+    """On CUDA, an unset backend becomes FLASH_ATTN (vLLM might pick FlashInfer); an
+    explicit one outside :data:`SUPPORTED_ATTENTION_BACKENDS` is refused."""
+    from vllm.platforms import current_platform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    backend = attention_config.backend
+    if backend is not None and backend.name not in SUPPORTED_ATTENTION_BACKENDS:
+        raise ValueError(
+            f"VTW supports the attention backends {list(SUPPORTED_ATTENTION_BACKENDS)}, "
+            f"got {backend.name}: FlashInfer-style backends split a batch into decodes and "
+            f"prefills by query length, which a compacted KV group breaks"
+        )
+    if backend is None and current_platform.is_cuda():
+        logger.info(
+            "VTW: attention backend FLASH_ATTN (compacted KV groups need one of %s)",
+            list(SUPPORTED_ATTENTION_BACKENDS),
+        )
+        attention_config.backend = AttentionBackendEnum.FLASH_ATTN
 
 
 def _use_piecewise_cuda_graphs(compilation_config) -> None:

