@@ -186,3 +186,33 @@ def test_prompts_differing_only_in_their_image(engine):
     for image, out in zip(images, outputs, strict=True):
         ref = vtw_generate(model_dir, prompt, [image], 2, MAX_TOKENS)
         assert list(out.outputs[0].token_ids) == ref.token_ids
+
+
+def test_prompt_ending_with_an_image_and_prompt_logprobs(engine):
+    """With K < N the last prompt row must be text (it is sampled from) and prompt
+    log-probs are undefined on image prompts: both rejected with the cause; K = N and
+    text-only prompts are served."""
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+
+    pool = _scheduler(engine).kv_cache_manager.block_pool
+    free_at_start = pool.get_num_free_blocks()
+    ends_with_image = {
+        "prompt": "USER: What is this? <image>",
+        "multi_modal_data": {"image": make_test_image(41)},
+    }
+    with pytest.raises(VLLMValidationError, match="must not end with an image"):
+        engine.generate(ends_with_image, _params(2))
+    (out,) = engine.generate(ends_with_image, _params(8))  # K = N: no withdrawal
+    assert len(out.outputs[0].token_ids) == MAX_TOKENS
+
+    def with_prompt_logprobs(k):
+        return SamplingParams(max_tokens=2, prompt_logprobs=1, extra_args={"vtw_k": k})
+
+    with pytest.raises(VLLMValidationError, match="prompt_logprobs"):
+        engine.generate(_prompts()[0], with_prompt_logprobs(2))
+    (out,) = engine.generate(_prompts()[0], with_prompt_logprobs(8))
+    assert out.prompt_logprobs is not None
+    (out,) = engine.generate(_prompts()[2], with_prompt_logprobs(2))  # no image
+    assert out.prompt_logprobs is not None
+    assert pool.get_num_free_blocks() == free_at_start

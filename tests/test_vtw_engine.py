@@ -176,3 +176,23 @@ def test_compiled_path_is_taken(vtw_llava):
     assert before["dynamo_graphs"] > 0, before
     assert after["withdrawal"] > before["withdrawal"]
     assert after["stock"] >= before["stock"] + MAX_TOKENS - 1  # every decode step
+
+
+def test_bad_k_past_the_front_end_fails_that_request_alone(vtw_llava):
+    """A request that reaches the engine process without the front end's checks (a
+    second API server, a direct engine-core client) with a bad vtw_k gets an error
+    output of its own; the engine keeps serving."""
+    from vllm.v1.engine import FinishReason
+
+    engine = vtw_llava.llm_engine
+    request = engine.input_processor.process_inputs(
+        "direct-bad-k", _prompt(0), _params(2), ("generate",)
+    )
+    request.sampling_params.extra_args = {"vtw_k": 99}
+    engine.engine_core.add_request(request)
+    outputs = engine.engine_core.get_output().outputs
+    assert [(o.request_id, o.finish_reason) for o in outputs] == [
+        ("direct-bad-k", FinishReason.ERROR)
+    ]
+    (good,) = _generate(vtw_llava, [0], [2])
+    assert len(good.outputs[0].token_ids) == MAX_TOKENS
