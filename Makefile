@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vtw-installed
 
-.PHONY: install demo test lint train-vqa
+.PHONY: install demo test lint train-vqa gpu-check
 
 $(STAMP): setup.py scripts/install.sh
 	./scripts/install.sh
@@ -16,6 +16,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# Everything that needs a CUDA GPU (kernel on CUDA, engine tests per attention backend,
+# benchmarks), into benchmarks/results/gpu_check/; says so and exits 0 without a GPU.
+gpu-check: $(STAMP)
+	./scripts/gpu_check.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

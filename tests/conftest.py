@@ -5,6 +5,7 @@ import contextlib
 import gc
 import io
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -25,6 +26,11 @@ ENGINE_DEFAULTS = dict(
     max_logprobs=-1,
     seed=0,
 )
+# `make gpu-check` runs the engine tests once per CUDA attention backend and dtype.
+if os.environ.get("VTW_TEST_ATTENTION_BACKEND"):
+    ENGINE_DEFAULTS["attention_backend"] = os.environ["VTW_TEST_ATTENTION_BACKEND"]
+if os.environ.get("VTW_TEST_DTYPE"):
+    ENGINE_DEFAULTS["dtype"] = os.environ["VTW_TEST_DTYPE"]
 
 
 @contextlib.contextmanager

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# `make gpu-check`: everything that needs a CUDA GPU, in one command, into one report.
+#
+# On a box with an NVIDIA GPU and the project's .venv (vllm==0.32.* from `make install`):
+#   1. the CUDA cases of the kernel tests (Triton gather vs its PyTorch reference);
+#   2. the engine tests on the tiny fixtures under each CUDA attention backend VTW
+#      supports: TRITON_ATTN in float32 (the tests' tolerances are fp32's) and
+#      FLASH_ATTN in bfloat16 (FlashAttention has no fp32; comparisons bound by fp32
+#      tolerances may fail there, read the per-test results); FlashInfer must be refused;
+#   3. the gather-kernel benchmark and the serving benchmark (stock vs VTW, both at their
+#      defaults, i.e. compiled with PIECEWISE CUDA graphs, prefix caching on).
+# Writes benchmarks/results/gpu_check/ (report.md, junit XML per run, logs).
+# Without a GPU it says so and exits 0: everything in it that can run on CPU is in `make test`.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+if ! { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }; then
+  echo "[gpu-check] needs an NVIDIA GPU (nvidia-smi finds none): nothing to do here."
+  echo "[gpu-check] The CPU-runnable parts of this check are covered by 'make test'."
+  exit 0
+fi
+PY=.venv/bin/python
+OUT=benchmarks/results/gpu_check
+mkdir -p "$OUT"
+REPORT="$OUT/report.md"
+{
+  echo "# GPU check ($(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD))"
+  echo '```'; nvidia-smi -L; "$PY" -c 'import torch, vllm; print("torch", torch.__version__, "vllm", vllm.__version__)'; echo '```'
+} > "$REPORT"
+
+run() {  # name, then the command; records pass/fail in the report
+  local name=$1; shift
+  echo "[gpu-check] $name"
+  if "$@" > "$OUT/$name.log" 2>&1; then status=pass; else status=FAIL; fi
+  echo "- $name: **$status** (log: \`$name.log\`)" >> "$REPORT"
+}
+
+run kernel-tests "$PY" -m pytest -q tests/test_gather_rows.py --junitxml="$OUT/kernel-tests.xml"
+ENGINE_TESTS="tests/test_vtw_engine.py tests/test_kv_accounting.py tests/test_prefix_cache.py"
+for spec in TRITON_ATTN:float32 FLASH_ATTN:bfloat16; do
+  backend=${spec%%:*} dtype=${spec##*:}
+  VTW_TEST_ATTENTION_BACKEND=$backend VTW_TEST_DTYPE=$dtype \
+    run "engine-$backend-$dtype" "$PY" -m pytest -q $ENGINE_TESTS --junitxml="$OUT/engine-$backend.xml"
+done
+VTW_TEST_ATTENTION_BACKEND=FLASHINFER run flashinfer-refused "$PY" -m pytest -q \
+  "tests/test_refusals.py::test_refused_with_a_clear_error"
+run kernel-bench "$PY" benchmarks/kernels/bench_gather_rows.py --out "$OUT"
+run serving-bench "$PY" benchmarks/serving/run.py --out "$OUT"
+echo "[gpu-check] report: $REPORT"
+cat "$REPORT"
