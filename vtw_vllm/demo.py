@@ -67,15 +67,14 @@ def run_engine(model: str, vtw_k: int | None, num_prompts: int, max_tokens: int)
     overrides = {"architectures": [_architecture(model, vtw_k is not None)]}
     if vtw_k is not None:
         overrides["vtw_k"] = vtw_k
+        overrides["vtw_allowed_k"] = [vtw_k]  # two KV groups: layers < K and layers >= K
     llm = LLM(
         model=model,
         hf_overrides=overrides,
         max_model_len=4096,
         max_num_seqs=8,
         kv_cache_memory_bytes=256 * 2**20,
-        enable_prefix_caching=False,  # VTW runs without it: compare like with like
-        enforce_eager=True,
-    )
+    )  # both at vLLM's defaults (compiled, prefix caching on; distinct images: no hits)
     sched = llm.llm_engine.engine_core.engine_core.scheduler
     groups = sched.kv_cache_config.kv_cache_groups
     bytes_per_block = [g.kv_cache_spec.page_size_bytes * len(g.layer_names) for g in groups]
