@@ -15,7 +15,8 @@ import base64
 import io
 import json
 import math
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,15 +185,72 @@ def vtw_architecture(model: str | Path) -> str:
     )
 
 
+CPU_MAX_MODEL_LEN = 4096  # LLaVA-1.5's context; a LLaVA-NeXT anyres prompt fits too
+CPU_KV_SEQUENCES = 4  # full-length sequences the default KV cache holds at once
+CPU_KV_FLOOR = 64 * 2**20
+_DTYPE_BYTES = {"float32": 4, "float": 4, "fp32": 4, "float16": 2, "half": 2, "bfloat16": 2}
+
+
+def _kv_bytes_per_element(engine_kwargs: dict[str, Any]) -> int:
+    """Bytes per KV element: ``kv_cache_dtype`` (fp8: 1), else ``dtype``, else what vLLM's
+    "auto" picks on this platform (its first supported dtype: bf16 on most CPUs)."""
+    import torch
+    from vllm.platforms import current_platform
+
+    kv_dtype = str(engine_kwargs.get("kv_cache_dtype", "auto"))
+    if kv_dtype.startswith("fp8"):
+        return 1
+    dtype = engine_kwargs.get("dtype", "auto")
+    if isinstance(dtype, torch.dtype):
+        return dtype.itemsize
+    if dtype in _DTYPE_BYTES:
+        return _DTYPE_BYTES[dtype]
+    return current_platform.supported_dtypes[0].itemsize
+
+
+def job_engine_args(model: str | Path, engine_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``engine_kwargs`` with a KV cache and context sized for a calibration or evaluation
+    job on the CPU platform; unchanged on a GPU (vLLM's defaults fit there).
+
+    vLLM's CPU default reserves ``gpu_memory_utilization`` (0.92) of the node's memory
+    and refuses to start when less is free, which a shared machine rarely has. A few
+    requests of ``max_model_len`` tokens is all these jobs need: ``max_model_len``
+    defaults to min(4096, the model's), the KV cache to CPU_KV_SEQUENCES such sequences
+    (2 x layers x KV heads x head dim x dtype bytes per token), at least 64 MiB. What the
+    caller sets (or ``VLLM_CPU_KVCACHE_SPACE``) wins.
+    """
+    from transformers import AutoConfig
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return dict(engine_kwargs)
+    text = AutoConfig.from_pretrained(str(model)).get_text_config()
+    args = dict(engine_kwargs)
+    model_len = getattr(text, "max_position_embeddings", None) or CPU_MAX_MODEL_LEN
+    args.setdefault("max_model_len", min(CPU_MAX_MODEL_LEN, model_len))
+    user_sized = {"kv_cache_memory_bytes", "gpu_memory_utilization"} & set(args)
+    if not user_sized and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        per_token = 2 * text.num_hidden_layers * heads * head_dim
+        per_token *= _kv_bytes_per_element(args)
+        args["kv_cache_memory_bytes"] = max(
+            CPU_KV_FLOOR, per_token * CPU_KV_SEQUENCES * args["max_model_len"]
+        )
+    return args
+
+
 def make_engine(model: str | Path, layer_group_size: int | None = None, **engine_kwargs: Any):
-    """A VTW engine fit for calibration: full-vocabulary logprobs, candidates allowed by
-    ``layer_group_size`` (default: the model config's, else 4)."""
+    """A VTW engine fit for calibration and evaluation: full-vocabulary logprobs,
+    candidates allowed by ``layer_group_size`` (default: the model config's, else 4; given,
+    it replaces a prepared model's ``vtw_allowed_k``), sized by :func:`job_engine_args`."""
     from vllm import LLM
 
     overrides: dict[str, Any] = {"architectures": [vtw_architecture(model)]}
     if layer_group_size is not None:
-        overrides["vtw_layer_group_size"] = layer_group_size
+        overrides.update(vtw_layer_group_size=layer_group_size, vtw_allowed_k=None)
     engine_kwargs.setdefault("max_logprobs", -1)
+    engine_kwargs = job_engine_args(model, engine_kwargs)
     return LLM(model=str(model), hf_overrides=overrides, **engine_kwargs)
 
 
@@ -272,7 +330,7 @@ def calibrate(
     standard = llm.generate(
         [prompt(ids, s) for ids, s in zip(bases, samples, strict=True)],
         params(vtw.num_layers, num_tokens),
-        use_tqdm=False,
+        use_tqdm=progress_bar("calibration, standard answers (K = N)") if progress else False,
     )
     answers, reference = [], []
     for out in standard:
@@ -288,7 +346,8 @@ def calibrate(
                 jobs.append((k, i, t))
                 prompts.append(prompt(ids + answers[i][:t], sample))
                 sampling.append(params(k, 1))
-    outputs = llm.generate(prompts, sampling, use_tqdm=_progress_bar if progress else False)
+    desc = "calibration, samples x candidate K"
+    outputs = llm.generate(prompts, sampling, use_tqdm=progress_bar(desc) if progress else False)
     per_token: dict[tuple[int, int], list[float]] = {}
     for (k, i, t), out in zip(jobs, outputs, strict=True):
         dist = _dense(out.outputs[0].logprobs[0], vocab_size)
@@ -299,11 +358,15 @@ def calibrate(
     return result
 
 
-def _progress_bar(*args: Any, **kwargs: Any):
+def progress_bar(label: str) -> Callable[..., Any]:
+    """A ``use_tqdm`` callable for ``LLM.generate``: vLLM's bars (rendering, processing)
+    prefixed with which pass of the job they belong to."""
     from tqdm.auto import tqdm
 
-    kwargs["desc"] = "calibration (samples x candidate K)"
-    return tqdm(*args, **kwargs)
+    def bar(*args: Any, **kwargs: Any):
+        return tqdm(*args, **{**kwargs, "desc": f"{label}: {kwargs.get('desc', '')}"})
+
+    return bar
 
 
 def plot_kl(result: CalibrationResult, path: str | Path, title: str = "") -> Path:

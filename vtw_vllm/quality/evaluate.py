@@ -26,7 +26,7 @@ from typing import Any
 
 from PIL import Image
 
-from vtw_vllm.calibrate import CalibrationError, _open_image, image_rows
+from vtw_vllm.calibrate import CalibrationError, _open_image, image_rows, progress_bar
 from vtw_vllm.config import EXTRA_ARGS_KEY
 from vtw_vllm.quality.task import normalise
 
@@ -111,10 +111,15 @@ def score(items: Sequence[EvalItem], predictions: Sequence[str], first_word=Fals
 
 
 def generate_answers(
-    llm, items: Sequence[EvalItem], k: int | None = None, max_tokens: int = 8
+    llm,
+    items: Sequence[EvalItem],
+    k: int | None = None,
+    max_tokens: int = 8,
+    progress: bool = False,
 ) -> list[str]:
     """Greedy answers from a vLLM ``LLM`` (``k``: per-request VTW K; None: the engine's
-    default). Items without an image are asked as text-only prompts."""
+    default). Items without an image are asked as text-only prompts. ``progress``: a
+    progress bar labelled with K (a long file takes minutes per K on a CPU)."""
     from vllm import SamplingParams
 
     extra = {EXTRA_ARGS_KEY: k} if k is not None else None
@@ -130,15 +135,22 @@ def generate_answers(
                     "multi_modal_data": {"image": item.image},
                 }
             )
-    outputs = llm.generate(prompts, params, use_tqdm=False)
+    bar = progress_bar(f"evaluate, K = {k if k is not None else 'default'}") if progress else False
+    outputs = llm.generate(prompts, params, use_tqdm=bar)
     return [out.outputs[0].text for out in outputs]
 
 
 def evaluate(
-    llm, items: Sequence[EvalItem], ks: Sequence[int | None], first_word: bool = False
+    llm,
+    items: Sequence[EvalItem],
+    ks: Sequence[int | None],
+    first_word: bool = False,
+    progress: bool = False,
 ) -> dict[int | None, Accuracy]:
     """Accuracy for every K in ``ks`` on one engine."""
-    return {k: score(items, generate_answers(llm, items, k), first_word) for k in ks}
+    return {
+        k: score(items, generate_answers(llm, items, k, progress=progress), first_word) for k in ks
+    }
 
 
 def to_markdown(results: dict[Any, Accuracy], label: str = "K") -> str:
