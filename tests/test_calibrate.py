@@ -3,20 +3,30 @@
 The fixture's random deep layers do attend to the image, so withdrawing it earlier moves
 the output further: KL must fall as K grows and be 0 at K = N. The engine's KL is also
 checked against the same KL computed from the independent transformers reference.
+
+The module's engine is started as a user serves a ``vtw-vllm prepare`` directory:
+``LLM(model=DIR)`` with no ``hf_overrides`` (every K allowed, default K = 4), so the same
+engine also shows that vLLM serves such a directory as VTW.
 """
 
 import base64
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from conftest import assert_close
 
 from vtw_vllm import calibrate as cal
+from vtw_vllm.config import VTWConfig
+from vtw_vllm.prepare import prepare
 from vtw_vllm.testing import get_fixture, make_test_image
 from vtw_vllm.testing.reference import vtw_generate
 
@@ -44,13 +54,29 @@ def samples() -> list[cal.CalibrationSample]:
     return [cal.CalibrationSample(make_test_image(40 + i), p) for i, p in enumerate(PROMPTS)]
 
 
+DEFAULT_K = 4
+APPLY_MODEL = "VLLM_ALLOW_INSECURE_SERIALIZATION"  # LLM.apply_model in a test
+
+
 @pytest.fixture(scope="module")
-def llm(model_dir):
-    engine = cal.make_engine(model_dir, layer_group_size=1, **ENGINE_ARGS)
-    try:
-        yield engine
-    finally:  # a later module's engine must not inherit this one's processes
-        engine.llm_engine.engine_core.shutdown()
+def prepared_dir(model_dir, tmp_path_factory) -> Path:
+    """Every K allowed (calibration tries them all), default K = 4."""
+    out = tmp_path_factory.mktemp("prepared") / "llava-vtw"
+    return prepare(model_dir, out, DEFAULT_K, allowed_k=range(1, 9))
+
+
+@pytest.fixture(scope="module")
+def llm(prepared_dir):
+    """``LLM(model=DIR)``, no ``hf_overrides``."""
+    from vllm import LLM
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(APPLY_MODEL, "1")
+        engine = LLM(model=str(prepared_dir), max_logprobs=-1, **ENGINE_ARGS)
+        try:
+            yield engine
+        finally:  # a later module's engine must not inherit this one's memory
+            engine.llm_engine.engine_core.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +123,79 @@ def test_teacher_forced_tokens_and_candidates(model_dir, samples, llm, result):
         cal.calibrate(model_dir, samples, llm=llm, candidates=[9], progress=False)
 
 
+def _group_starts(model) -> list[int]:
+    """First layer of the KV cache group of each decoder layer's attention."""
+    return sorted(
+        {layer.self_attn.attn.vtw_first_layer for layer in model.language_model.model.layers}
+    )
+
+
+def test_prepared_dir_serves_vtw_without_overrides(model_dir, llm):
+    """Architecture, default K and KV groups come from the directory's config.json, and
+    a request without a K runs at the default K = 4 (the reference's tokens and
+    log-probs), another at K = 2 through ``extra_args``."""
+    from vllm import SamplingParams
+
+    hf_config = llm.llm_engine.vllm_config.model_config.hf_config
+    assert hf_config.architectures == ["LlavaVTWForConditionalGeneration"]
+    vtw = VTWConfig.from_hf_config(hf_config)
+    assert vtw.default_k == DEFAULT_K and vtw.allowed_k == list(range(1, 9))
+    assert llm.apply_model(_group_starts) == [vtw.group_starts]
+
+    image = make_test_image(60)
+    request = {"prompt": PROMPTS[0], "multi_modal_data": {"image": image}}
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=4, logprobs=-1, extra_args=extra)
+        for extra in (None, {"vtw_k": 2})
+    ]
+    outputs = llm.generate([request, request], params, use_tqdm=False)
+    full = vtw_generate(model_dir, PROMPTS[0], [image], 8, 4)
+    for out, k in zip(outputs, (DEFAULT_K, 2), strict=True):
+        ref = vtw_generate(model_dir, PROMPTS[0], [image], k, 4)
+        assert list(out.outputs[0].token_ids) == ref.token_ids, f"K={k}"
+        first = out.outputs[0].logprobs[0]
+        lp = torch.tensor([first[t].logprob for t in range(len(ref.first_logprobs))])
+        assert_close(lp, ref.first_logprobs, atol=1e-3, what=f"K={k} logprobs")
+        assert (lp - full.first_logprobs).abs().max() > 1e-2  # not the stock model's
+
+
+def test_job_engine_args(model_dir, tmp_path, monkeypatch):
+    """CPU: a KV cache for CPU_KV_SEQUENCES full-length sequences (64 MiB floor) and
+    max_model_len <= 4096, unless the caller sizes it; a GPU keeps vLLM's defaults."""
+    from vllm.platforms import current_platform
+
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    monkeypatch.setattr(current_platform, "is_cpu", lambda: True)
+    assert cal.job_engine_args(model_dir, {}) == {
+        "max_model_len": 4096,
+        "kv_cache_memory_bytes": cal.CPU_KV_FLOOR,  # 2 x 8 x 2 x 32 x 2 B x 4 x 4096 = 32 MiB
+    }
+    big = {  # LLaVA-1.5-7B's language model (its config omits these: Llama's defaults)
+        "architectures": ["LlavaForConditionalGeneration"],
+        "model_type": "llava",
+        "text_config": {"model_type": "llama", "max_position_embeddings": 2048},
+        "vision_config": {"model_type": "clip_vision_model"},
+    }
+    (tmp_path / "config.json").write_text(json.dumps(big))
+    per_token = 2 * 32 * 32 * 128  # layers x KV heads x head dim, K and V
+    for dtype, size in (("float16", 2), ("float32", 4), (torch.bfloat16, 2)):
+        args = cal.job_engine_args(tmp_path, {"dtype": dtype, "seed": 0})
+        assert args == {
+            "dtype": dtype,
+            "seed": 0,
+            "max_model_len": 2048,  # the model's, below 4096
+            "kv_cache_memory_bytes": per_token * size * cal.CPU_KV_SEQUENCES * 2048,
+        }
+    fp8 = cal.job_engine_args(tmp_path, {"kv_cache_dtype": "fp8", "max_model_len": 512})
+    assert fp8["kv_cache_memory_bytes"] == per_token * 1 * cal.CPU_KV_SEQUENCES * 512
+    for sized in ({"kv_cache_memory_bytes": 2**20}, {"gpu_memory_utilization": 0.5}):
+        assert cal.job_engine_args(tmp_path, sized) == {**sized, "max_model_len": 2048}
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")
+    assert cal.job_engine_args(tmp_path, {}) == {"max_model_len": 2048}
+    monkeypatch.setattr(current_platform, "is_cpu", lambda: False)
+    assert cal.job_engine_args(tmp_path, {"seed": 0}) == {"seed": 0}
+
+
 def test_plot_is_written(result, tmp_path):
     path = cal.plot_kl(result, tmp_path / "kl.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -115,7 +214,8 @@ def _data_file(tmp_path) -> str:
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "vtw_vllm.cli", "calibrate", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    env = {k: v for k, v in os.environ.items() if k != APPLY_MODEL}  # as a user runs it
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
 
 
 def test_cli_end_to_end(model_dir, tmp_path):
@@ -123,7 +223,7 @@ def test_cli_end_to_end(model_dir, tmp_path):
     proc = _cli(
         "--model", str(model), "--data", _data_file(tmp_path), "--candidates", "2", "4", "8",
         "--layer-group-size", "2", "--eta", "0.8", "--plot", str(tmp_path / "kl.png"),
-        "--table", str(tmp_path / "kl.md"), "--write-config",
+        "--table", str(tmp_path / "kl.md"), "--write-config", "--out", str(tmp_path / "vtw"),
         "--engine-args", json.dumps(ENGINE_ARGS),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -137,6 +237,13 @@ def test_cli_end_to_end(model_dir, tmp_path):
     config = json.loads((model / "config.json").read_text())
     assert config["vtw_k"] == chosen and config["vtw_layer_group_size"] == 2
     assert (tmp_path / "kl.png").stat().st_size > 1000
+    # --out: a prepared directory with the chosen K, weights linked to the model
+    prepared = json.loads((tmp_path / "vtw" / "config.json").read_text())
+    assert prepared["architectures"] == ["LlavaVTWForConditionalGeneration"]
+    assert prepared["vtw_k"] == chosen and prepared["vtw_allowed_k"] == [chosen]
+    weights = (tmp_path / "vtw" / "model.safetensors").resolve()
+    assert weights == (model / "model.safetensors").resolve()
+    assert f"wrote {tmp_path / 'vtw'}: LlavaVTWForConditionalGeneration" in proc.stdout
 
 
 @pytest.mark.parametrize(
@@ -154,6 +261,15 @@ def test_cli_rejects_bad_data_before_starting_an_engine(model_dir, tmp_path, con
     proc = _cli("--model", model_dir, "--data", str(tmp_path / "data.jsonl"))
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "vLLM" not in proc.stdout
+
+
+def test_cli_rejects_a_non_empty_out_before_starting_an_engine(model_dir, tmp_path):
+    make_test_image(1).save(tmp_path / "a.png")
+    (tmp_path / "data.jsonl").write_text('{"image": "a.png", "prompt": "hi"}\n')
+    data = str(tmp_path / "data.jsonl")
+    proc = _cli("--model", model_dir, "--data", data, "--out", str(tmp_path))
+    assert proc.returncode == 2 and "exists and is not empty" in proc.stderr, proc.stderr[-2000:]
+    assert "vLLM" not in proc.stdout
 
 
 def test_cli_rejects_a_model_that_is_not_llava(tmp_path):

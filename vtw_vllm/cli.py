@@ -1,5 +1,5 @@
-"""The ``vtw-vllm`` command: ``calibrate`` (:mod:`vtw_vllm.calibrate`) and ``evaluate``
-(:mod:`vtw_vllm.quality.evaluate`).
+"""The ``vtw-vllm`` command: ``prepare`` (:mod:`vtw_vllm.prepare`), ``calibrate``
+(:mod:`vtw_vllm.calibrate`) and ``evaluate`` (:mod:`vtw_vllm.quality.evaluate`).
 
 Everything the user gives is checked before the engine starts (an engine start costs
 tens of seconds); bad input exits with status 2 and one line saying what is wrong.
@@ -11,6 +11,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import NoReturn
+
+from vtw_vllm.prepare import check_out, describe, prepare
 
 
 def _calibrate_parser(sub: argparse._SubParsersAction) -> None:
@@ -46,6 +49,13 @@ def _calibrate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--table", type=Path, help="write the markdown table here")
     p.add_argument("--write-config", action="store_true", help="write vtw_k into the model")
     p.add_argument(
+        "--out",
+        type=Path,
+        help="write a VTW model directory here (as `vtw-vllm prepare`) with the chosen K "
+        "(K = N when none qualifies)",
+    )
+    p.add_argument("--force", action="store_true", help="replace a prepared --out directory")
+    p.add_argument(
         "--engine-args",
         default="{}",
         help="extra vllm.LLM arguments as JSON, e.g. '{\"max_model_len\": 4096}'",
@@ -58,12 +68,14 @@ def _calibrate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
 
     engine_args = _engine_args(args.engine_args, parser)
     if args.samples < 1 or args.num_tokens < 1:
-        parser.error("--samples and --num-tokens must be >= 1")
+        _fail(parser, "--samples and --num-tokens must be >= 1")
     try:
         cal.vtw_architecture(args.model)
+        if args.out is not None:  # before the engine: a run must not end on a bad --out
+            check_out(args.out, args.model, args.force)
         samples = cal.load_samples(args.data, limit=args.samples)
     except cal.CalibrationError as exc:
-        parser.error(str(exc))
+        _fail(parser, str(exc))
     print(f"{len(samples)} samples from {args.data}", flush=True)
     try:
         result = cal.calibrate(
@@ -76,7 +88,7 @@ def _calibrate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
             **engine_args,
         )
     except cal.CalibrationError as exc:
-        parser.error(str(exc))
+        _fail(parser, str(exc))
     table = result.to_markdown()
     print(table)
     print(cal.summary_line(result))
@@ -85,11 +97,51 @@ def _calibrate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         args.table.write_text(table + "\n")
     if args.plot:
         print(f"plot: {cal.plot_kl(result, args.plot)}")
+    if args.out is not None:
+        k = result.chosen_k or result.num_layers
+        if result.chosen_k is None:
+            print(f"--out: no K reached the threshold; writing K = N = {k} (no withdrawal)")
+        try:
+            prepare(args.model, args.out, k, force=args.force)
+        except cal.CalibrationError as exc:
+            _fail(parser, str(exc))
+        print(describe(args.out))
     if args.write_config:
         if result.chosen_k is None:
-            parser.error("--write-config: no K reached the threshold; config left unchanged")
+            _fail(parser, "--write-config: no K reached the threshold; config left unchanged")
         path = cal.write_vtw_k(args.model, result.chosen_k, args.layer_group_size)
         print(f"wrote vtw_k={result.chosen_k} into {path}")
+
+
+def _prepare_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "prepare",
+        help="write a model directory that vLLM serves with VTW, no --hf-overrides needed",
+        description="DIR gets SRC's config.json with the VTW architecture, vtw_k and "
+        "vtw_allowed_k; every other file of SRC is symlinked, not copied.",
+    )
+    p.add_argument("--model", required=True, help="SRC: local llava-hf checkpoint directory")
+    p.add_argument("--out", required=True, type=Path, help="DIR: the directory to write")
+    p.add_argument("--vtw-k", type=int, required=True, help="default withdrawal layer K")
+    p.add_argument(
+        "--allowed-k",
+        type=int,
+        nargs="+",
+        help="K values requests may use, each a KV layer-group boundary; fewer is faster "
+        "(default: --vtw-k alone; N, no withdrawal, is always allowed)",
+    )
+    p.add_argument("--force", action="store_true", help="replace a prepared DIR")
+    p.set_defaults(run=_prepare)
+
+
+def _prepare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    from vtw_vllm.calibrate import CalibrationError
+
+    try:
+        prepare(args.model, args.out, args.vtw_k, args.allowed_k, args.force)
+    except CalibrationError as exc:
+        _fail(parser, str(exc))
+    print(describe(args.out))
 
 
 def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
@@ -123,19 +175,26 @@ def _evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         cal.vtw_architecture(args.model)
         items = ev.load_eval_file(args.data, limit=args.limit)
     except cal.CalibrationError as exc:
-        parser.error(str(exc))
+        _fail(parser, str(exc))
     print(f"{len(items)} questions from {args.data}", flush=True)
     llm = cal.make_engine(args.model, args.layer_group_size, **engine_args)
     vtw = VTWConfig.from_hf_config(llm.llm_engine.vllm_config.model_config.hf_config)
     ks = args.k or sorted({vtw.default_k or vtw.num_layers, vtw.num_layers})
     bad = [k for k in ks if k not in vtw.allowed_k]
     if bad:
-        parser.error(f"--k {bad}: this engine allows {vtw.allowed_k}")
-    table = ev.to_markdown(ev.evaluate(llm, items, ks, args.first_word))
+        _fail(parser, f"--k {bad}: this engine allows {vtw.allowed_k}")
+    table = ev.to_markdown(ev.evaluate(llm, items, ks, args.first_word, progress=True))
     print(table)
     if args.table:
         args.table.parent.mkdir(parents=True, exist_ok=True)
         args.table.write_text(table + "\n")
+
+
+def _fail(parser: argparse.ArgumentParser, message: str) -> NoReturn:
+    """Exit 2 with one line (argparse's ``error`` adds the usage, which says nothing about
+    bad data)."""
+    print(f"{parser.prog}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def _engine_args(text: str, parser: argparse.ArgumentParser) -> dict:
@@ -144,13 +203,14 @@ def _engine_args(text: str, parser: argparse.ArgumentParser) -> dict:
         if not isinstance(engine_args, dict):
             raise ValueError("not a JSON object")
     except ValueError as exc:
-        parser.error(f"--engine-args: {exc}")
+        _fail(parser, f"--engine-args: {exc}")
     return engine_args
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="vtw-vllm", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    _prepare_parser(sub)
     _calibrate_parser(sub)
     _evaluate_parser(sub)
     args = parser.parse_args(argv)
