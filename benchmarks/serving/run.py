@@ -34,7 +34,10 @@ requests (``RequestOutput.num_cached_tokens``) are recorded and must be 0. Image
 preprocessed in ``add_request``, before the clock starts.
 
 Each engine runs in its own child process (in-process engine core, so the scheduler is
-readable), one after the other; the repeats alternate the K values.
+readable), one after the other; the repeats alternate the K values. Time on 2 CPU cores:
+~12 min for the default run (LLaVA-1.5-shaped only: six engines, two servers); ``--quick``
+(one repeat, shorter batches, no online part) 4-7 min; each extra model adds about as
+much again. Timings need an otherwise idle machine: the report flags a busy one.
 
 The checkpoint is a benchmark-sized variant of the tiny fixture (same tokenizer, tower
 and image processor; a 512-wide, 8-layer llama), so that, as in a real LLaVA, the
@@ -254,13 +257,15 @@ def offline(kind: str, spec: dict[str, Any], args: argparse.Namespace) -> dict[s
             engine.add_request(f"{tag}x{i}", prompt, params(k, max_tokens))
         start = time.perf_counter()
         prefilled: float | None = None
-        generated_at_prefill = running_at_prefill = decode_steps = peak = 0
+        generated_at_prefill = running_at_prefill = peak = 0
         finished = []
+        step_ms: list[float] = []  # each decode step's duration
         while engine.has_unfinished_requests():
+            step_start = time.perf_counter()
             finished += [out for out in engine.step() if out.finished]
             peak = max(peak, len(sched.running))
             if prefilled is not None:
-                decode_steps += 1
+                step_ms.append(1e3 * (time.perf_counter() - step_start))
             elif all(r.num_output_tokens >= 1 for r in sched.requests.values()):
                 prefilled = time.perf_counter()
                 running_at_prefill = len(sched.running)
@@ -271,7 +276,7 @@ def offline(kind: str, spec: dict[str, Any], args: argparse.Namespace) -> dict[s
             "seconds": end - start,
             "prefill_s": prefilled - start,
             "decode_s": end - prefilled,
-            "decode_steps": decode_steps,
+            "decode_step_ms": statistics.median(step_ms) if step_ms else float("nan"),
             "decode_tokens": len(batch) * max_tokens - generated_at_prefill,
             "running_at_prefill": running_at_prefill,
             "peak_running": peak,
@@ -311,7 +316,7 @@ def offline(kind: str, spec: dict[str, Any], args: argparse.Namespace) -> dict[s
         entry: dict[str, Any] = {
             "prefill_tok_s": _stats([r["prompt_tokens"] / r["prefill_s"] for r in rs]),
             "decode_tok_s": _stats([r["decode_tokens"] / r["decode_s"] for r in rs]),
-            "decode_ms_per_step": _stats([1e3 * r["decode_s"] / r["decode_steps"] for r in rs]),
+            "decode_ms_per_step": _stats([r["decode_step_ms"] for r in rs]),
             "cached_tokens": sum(r["cached_tokens"] for r in rs),
         }
         if spec["kv_bound"]:  # many requests at once, a budget that holds only a few stock ones
@@ -503,7 +508,8 @@ def run_meta(script: str) -> dict[str, Any]:
         "vllm": vllm.__version__,
         "torch": torch.__version__,
         "commit": git("rev-parse", "--short", "HEAD"),
-        "engine_code_modified": bool(git("status", "--porcelain", "--", "vtw_vllm")),
+        "vtw_vllm_modified": bool(git("status", "--porcelain", "--", "vtw_vllm")),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "vtw_vllm_path": str(Path(vtw_vllm.__file__).parent),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "load_before": " ".join(f"{x:.1f}" for x in os.getloadavg()),
@@ -511,12 +517,20 @@ def run_meta(script: str) -> dict[str, Any]:
 
 
 def meta_line(meta: dict[str, Any]) -> str:
-    modified = " (+ uncommitted engine changes)" if meta["engine_code_modified"] else ""
+    modified = " (+ uncommitted changes under vtw_vllm/)" if meta["vtw_vllm_modified"] else ""
+    gpu = f", GPU {meta['gpu']}" if meta["gpu"] else ", no GPU"
+    busy = float(meta["load_before"].split()[0]) > 0.5 * meta["cpu_count"]
+    warning = (
+        f" **The machine was busy before the run (1-min load {meta['load_before'].split()[0]} "
+        f"on {meta['cpu_count']} CPUs): timings are not trustworthy.**"
+        if busy
+        else ""
+    )
     return (
-        f"`{meta['command']}` — {meta['platform']}, {meta['cpu']}, {meta['cpu_count']} CPUs, "
+        f"`{meta['command']}` — {meta['platform']}, {meta['cpu']}, {meta['cpu_count']} CPUs{gpu}, "
         f"vLLM {meta['vllm']}, torch {meta['torch']}, commit {meta['commit']}{modified}, "
         f"{meta['date']}; load average before/after {meta['load_before']} / "
-        f"{meta.get('load_after', '?')}."
+        f"{meta.get('load_after', '?')}.{warning}"
     )
 
 
@@ -538,7 +552,7 @@ def _slope(xs: list[float], ys: list[float]) -> float:
     )
 
 
-def _offline_table(kind: str, stock: dict[str, Any], vtw: dict[str, Any], batch: int) -> list[str]:
+def _offline_table(kind: str, stock: dict[str, Any], vtw: dict[str, Any]) -> list[str]:
     from flops import Shape, ratio  # benchmarks/flops.py
 
     shape = Shape.from_checkpoint(bench_checkpoint(kind))
@@ -624,7 +638,9 @@ def report(results: dict[str, Any], args: argparse.Namespace, meta: dict[str, An
         "# Serving benchmark: stock vLLM vs VTW",
         "",
         meta_line(meta),
-        f"Offline: {args.batch} image requests per batch (a fresh image each), "
+        f"Offline: {args.batch} image requests per batch, every request to an engine with "
+        "an image it has not seen before (repeats included), so no prefix-cache hit is "
+        "possible (the cached tokens the engines reported are in the last table); "
         f"{args.repeats} repeats, decode {args.decode_tokens} tokens, KV budget {args.kv_mib} "
         f"MiB, KV-bound {args.kv_bound_requests} requests x {args.kv_bound_tokens} tokens; "
         f"online: {args.online_requests} streaming requests per round, concurrency "
@@ -634,12 +650,10 @@ def report(results: dict[str, Any], args: argparse.Namespace, meta: dict[str, An
     ]
     for kind in args.models:
         res = results[kind]
-        any_run = next(iter(v for v in res.values() if "prompt_tokens_per_request" in v), None)
-        if any_run is None:
-            continue
+        tokens = [v["prompt_tokens_per_request"] for v in res.values() if "num_layers" in v]
+        per_request = f"; {tokens[0]} prompt tokens per request" if tokens else ""
         lines += [
-            f"## {kind} (benchmark checkpoint: {any_run['num_layers']} layers; "
-            f"{any_run['prompt_tokens_per_request']} prompt tokens per request)",
+            f"## {kind} (benchmark checkpoint: {num_layers(kind)} layers{per_request})",
             "",
         ]
         if "vtw" in res and "stock" in res:
@@ -648,7 +662,7 @@ def report(results: dict[str, Any], args: argparse.Namespace, meta: dict[str, An
                 f"### At vLLM's defaults: stock vs VTW (vtw_allowed_k {allowed}, "
                 f"{res['vtw']['engine']['kv_cache_groups']} KV groups)",
                 "",
-                *_offline_table(kind, res["stock"], res["vtw"], args.batch),
+                *_offline_table(kind, res["stock"], res["vtw"]),
                 "",
             ]
             if kind == "llava":
@@ -668,7 +682,7 @@ def report(results: dict[str, Any], args: argparse.Namespace, meta: dict[str, An
                 "### Eager: enforce_eager=True and prefix caching off, both (VTW layer groups "
                 "of 2)",
                 "",
-                *_offline_table(kind, res["stock_eager"], res["vtw_eager"], args.batch),
+                *_offline_table(kind, res["stock_eager"], res["vtw_eager"]),
                 "",
             ]
         if "online_vtw" in res:
@@ -721,7 +735,9 @@ def report(results: dict[str, Any], args: argparse.Namespace, meta: dict[str, An
         "KV layer-blocks: blocks held after prefill x layers per block (a stock block spans "
         "all layers, a VTW block its layer group), so the column compares KV memory. "
         "FLOPs bound: stock/VTW prefill FLOPs of the language model (benchmarks/flops.py). "
-        "Decode ms/step: decode time of the batch / decode steps.",
+        "Decode ms/step: the median duration of the batch's decode steps (``engine.step()`` "
+        "after every request has its first token) in each repeat, robust to short bursts of "
+        "load on the machine.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -749,9 +765,14 @@ def plot(results: dict[str, Any], args: argparse.Namespace, path: Path) -> None:
             stock = res[stock_name]["per_k"]["None"]
             per_k = res[vtw_name]["per_k"]
             ks = [int(k) for k in per_k]
-            for key, label in (("prefill_tok_s", "prefill"), ("decode_tok_s", "decode")):
+            for key, label, color in (
+                ("prefill_tok_s", "prefill", "tab:blue"),
+                ("decode_tok_s", "decode", "tab:orange"),
+            ):
                 ratios = [_x(per_k[str(k)][key], stock[key]) for k in ks]
-                row[0].plot(ks, ratios, style, marker="o", label=f"{label}, {vtw_name}")
+                row[0].plot(
+                    ks, ratios, style, color=color, marker="o", label=f"{label}, {vtw_name}"
+                )
         row[0].axhline(1.0, color="grey", linewidth=0.8)
         row[0].set_xlabel("K (layers that see the vision tokens)")
         row[0].set_ylabel("x stock")
