@@ -2,6 +2,7 @@
 
 import inspect
 
+import torch
 from vllm.config import VllmConfig
 from vllm.model_executor.models import config as models_config
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
@@ -73,3 +74,90 @@ def test_overridden_vllm_methods_keep_their_signatures():
         "num_tokens",
         "num_tokens_main_model",
     ]
+
+
+def test_front_end_and_engine_core_wrappers():
+    """Patches 3 and 5: the wrapped methods exist with the arguments the wrappers use,
+    and registering twice wraps once."""
+    from vllm.v1.engine.core import EngineCore
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    register()
+    register()
+    assert getattr(InputProcessor.process_inputs, "_vtw_wrapped", False)
+    assert getattr(EngineCore.preprocess_add_request, "_vtw_wrapped", False)
+    assert _params(InputProcessor.process_inputs.__wrapped__)[:4] == [
+        "self",
+        "request_id",
+        "prompt",
+        "params",
+    ]
+    assert _params(EngineCore.preprocess_add_request.__wrapped__) == ["self", "request"]
+    # The front-end cache's recovery path the wrapper calls.
+    from vllm.multimodal.cache import BaseMultiModalProcessorCache
+
+    assert callable(BaseMultiModalProcessorCache.invalidate)
+    # The engine core turns a preprocessing exception into that request's error output.
+    from vllm.v1.engine.core import EngineCoreProc
+
+    source = inspect.getsource(EngineCoreProc)
+    assert "self.preprocess_add_request(req)" in source
+    assert "self._handle_request_preproc_error(req)" in source
+
+
+def test_envs_cache_is_cleared_for_the_v1_runner():
+    """Patch 4, in a fresh process: after vLLM caches its environment, the VTW hook still
+    makes the config read the V1 runner."""
+    import subprocess
+    import sys
+
+    code = """
+import os
+os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"
+import vllm.envs as envs
+envs.enable_envs_cache()
+assert envs.VLLM_USE_V2_MODEL_RUNNER is True
+from vtw_vllm.vllm_patches import use_v1_model_runner
+use_v1_model_runner()
+assert envs.VLLM_USE_V2_MODEL_RUNNER is False
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_prefix_cache_internals_vtw_uses():
+    """The scheduler and block-pool internals the VTW prefix cache relies on."""
+    from vllm.v1.core.block_pool import BlockHashToBlockMap, BlockPool
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    assert _params(Scheduler._get_local_prefix_cache_hit) == ["self", "request"]
+    assert _params(Scheduler._free_request_blocks) == ["self", "request"]
+    assert "_free_request_blocks(request)" in inspect.getsource(Scheduler._preempt_request)
+    assert _params(BlockPool._insert_block_hash) == [
+        "self",
+        "block_hash_with_group_id",
+        "block",
+        "num_tokens",
+    ]
+    assert callable(BlockHashToBlockMap.get_one_block)
+    assert _params(FullAttentionManager.add_local_computed_blocks) == [
+        "self",
+        "request_id",
+        "new_computed_blocks",
+        "num_local_computed_tokens",
+        "num_external_computed_tokens",
+    ]
+    # vLLM's partial-hit copy-on-write, which serves a hit ending mid-block.
+    assert "_partial_hit_reqs" in inspect.getsource(FullAttentionManager.add_local_computed_blocks)
+    # Attention metadata is reused across KV groups only for equal specs: VTW specs of
+    # different layer spans must differ so no compacted group reuses another's metadata.
+    from vtw_vllm.kv_cache import VTWAttentionSpec
+
+    args = dict(block_size=16, num_kv_heads=2, head_size=32, dtype=torch.float32)
+    assert VTWAttentionSpec(**args, first_layer=0) != VTWAttentionSpec(**args, first_layer=4)
+    assert "cache_key = (kv_cache_spec, type(builder))" in inspect.getsource(
+        GPUModelRunner._build_attention_metadata
+    )
+
+
+def test_runner_dispatch_hook():
+    assert "force_eager" in _params(GPUModelRunner._determine_batch_execution_and_padding)
