@@ -6,7 +6,7 @@ import torch
 from conftest import assert_close, vllm_engine
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from vtw_vllm.testing import get_fixture, make_test_image
+from vtw_vllm.testing import get_fixture, make_test_image, make_test_video
 
 PROMPTS = [  # (question, image size): anyres tiling differs per size for LLaVA-NeXT
     ("What is in the picture?", (336, 336)),
@@ -55,5 +55,70 @@ def test_vllm_matches_transformers(kind: str):
         for token_id, lp in first.items():
             vllm_logprobs[token_id] = lp.logprob
         assert len(first) == hf_logprobs.numel(), "expected the full vocabulary's logprobs"
+        assert_close(vllm_logprobs, hf_logprobs, atol=2e-3, what=f"{kind} first-token logprobs")
+        assert out.outputs[0].token_ids[0] == int(hf_logprobs.argmax())
+
+
+# (prompt, images, videos) per video fixture: videos are [frames, height, width, 3] uint8.
+VIDEO_FIXTURE_REQUESTS = {
+    "llava_next_video": lambda: [
+        ("USER: <video>\nWhat happens in the video? ASSISTANT:", [], [make_test_video(0)]),
+        (
+            "USER: <video>\nDescribe the motion. ASSISTANT:",
+            [],
+            [make_test_video(1, num_frames=6, size=(640, 480))],
+        ),
+    ],
+    "llava_onevision": lambda: [
+        ("USER: <video>\nWhat happens in the video? ASSISTANT:", [], [make_test_video(0)]),
+        ("USER: <image>\nWhat is in the picture? ASSISTANT:", [make_test_image(1, (640, 480))], []),
+        (
+            "USER: <image>\n<video>\nCompare them. ASSISTANT:",
+            [make_test_image(2, (384, 384))],
+            [make_test_video(3, num_frames=3, size=(384, 384))],
+        ),
+    ],
+}
+# Vision tokens per pooled frame (+ OneVision's newline token after each video).
+FRAME_TOKENS = {"llava_next_video": (144, 0), "llava_onevision": (196, 1)}
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("kind", list(VIDEO_FIXTURE_REQUESTS))
+def test_vllm_matches_transformers_video(kind: str):
+    from vllm import SamplingParams
+
+    model_dir = str(get_fixture(kind))
+    requests = VIDEO_FIXTURE_REQUESTS[kind]()
+    limit = {"video": 1} if kind == "llava_next_video" else {"image": 1, "video": 1}
+    params = SamplingParams(temperature=0.0, max_tokens=4, logprobs=-1)
+    prompts = []
+    for text, images, videos in requests:
+        data = {"image": images[0]} if images else {}
+        if videos:
+            data["video"] = videos[0]
+        prompts.append({"prompt": text, "multi_modal_data": data})
+    with vllm_engine(model_dir, limit_mm_per_prompt=limit) as llm:
+        outputs = llm.generate(prompts, params)
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+    image_id, video_id = model.config.image_token_id, model.config.video_token_id
+    per_frame, per_video = FRAME_TOKENS[kind]
+    for (text, images, videos), out in zip(requests, outputs, strict=True):
+        media = {"images": images or None, **({"videos": videos} if videos else {})}
+        inputs = processor(text=text, return_tensors="pt", **media)
+        with torch.no_grad():
+            hf_logprobs = torch.log_softmax(model(**inputs).logits[0, -1].float(), dim=-1)
+        hf_ids = inputs["input_ids"][0].tolist()
+        assert out.prompt_token_ids == hf_ids, "vLLM and transformers tokenized differently"
+        expected_video = sum(per_frame * len(v) + per_video for v in videos)
+        assert hf_ids.count(video_id) == expected_video
+        assert (hf_ids.count(image_id) > 729) == bool(images)  # anyres: base tile + more
+        first = out.outputs[0].logprobs[0]
+        assert len(first) == hf_logprobs.numel(), "expected the full vocabulary's logprobs"
+        vllm_logprobs = torch.full_like(hf_logprobs, float("-inf"))
+        for token_id, lp in first.items():
+            vllm_logprobs[token_id] = lp.logprob
         assert_close(vllm_logprobs, hf_logprobs, atol=2e-3, what=f"{kind} first-token logprobs")
         assert out.outputs[0].token_ids[0] == int(hf_logprobs.argmax())

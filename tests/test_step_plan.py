@@ -101,3 +101,40 @@ def test_decode_step_compacts_without_vision_rows():
     assert g.positions.tolist() == [9, 5, 3]
     assert g.seq_lens.tolist() == [10 - 4, 6, 4]
     assert g.query_start_loc.tolist() == [0, 1, 2, 3]
+
+
+def _feature(modality: str, offset: int, length: int, is_embed=None):
+    from types import SimpleNamespace
+
+    from vllm.multimodal.inputs import PlaceholderRange
+
+    position = PlaceholderRange(offset=offset, length=length, is_embed=is_embed)
+    return SimpleNamespace(modality=modality, mm_position=position)
+
+
+def test_vision_ranges_cover_images_and_videos():
+    from vtw_vllm.vision_ranges import kept_tokens, vision_ranges
+
+    features = [
+        _feature("video", 40, 785),  # OneVision: 4 frames x 196 + the video's newline
+        _feature("image", 3, 30),
+        _feature("audio", 900, 10),  # not vision: never withdrawn
+        _feature("video", 825, 5),  # right after the first video: adjacent ranges
+    ]
+    ranges = vision_ranges(features)
+    assert ranges == ((3, 33), (40, 825), (825, 830))
+    assert kept_tokens(ranges, 1000) == 1000 - 30 - 785 - 5
+    assert vision_ranges(None) == () and vision_ranges([]) == ()
+
+
+def test_vision_ranges_keep_non_embed_positions_as_text():
+    """A placeholder with an is_embed mask (e.g. [IMG_BREAK] / [IMG_END] rows inside a
+    Pixtral-style image range) withdraws only its embed runs."""
+    import torch
+
+    from vtw_vllm.vision_ranges import vision_ranges
+
+    mask = torch.tensor([True, True, False, True, True, False])  # 2 rows of 2 + break/end
+    assert vision_ranges([_feature("image", 10, 6, mask)]) == ((10, 12), (13, 15))
+    none = torch.zeros(4, dtype=torch.bool)
+    assert vision_ranges([_feature("image", 0, 4, none)]) == ()

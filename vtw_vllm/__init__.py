@@ -6,9 +6,16 @@ also imported at interpreter start-up by the CPU torchvision fix.
 """
 
 _MODELS = "vtw_vllm.models.llava_vtw"
+_VIDEO_MODELS = "vtw_vllm.models.llava_video_vtw"
 ARCHITECTURES = {
     "LlavaVTWForConditionalGeneration": f"{_MODELS}:LlavaVTWForConditionalGeneration",
     "LlavaNextVTWForConditionalGeneration": f"{_MODELS}:LlavaNextVTWForConditionalGeneration",
+    "LlavaOnevisionVTWForConditionalGeneration": (
+        f"{_VIDEO_MODELS}:LlavaOnevisionVTWForConditionalGeneration"
+    ),
+    "LlavaNextVideoVTWForConditionalGeneration": (
+        f"{_VIDEO_MODELS}:LlavaNextVideoVTWForConditionalGeneration"
+    ),
 }
 
 

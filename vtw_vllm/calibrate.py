@@ -31,6 +31,10 @@ VTW_ARCHITECTURES = {
     "LlavaNextForConditionalGeneration": "LlavaNextVTWForConditionalGeneration",
     "LlavaVTWForConditionalGeneration": "LlavaVTWForConditionalGeneration",
     "LlavaNextVTWForConditionalGeneration": "LlavaNextVTWForConditionalGeneration",
+    "LlavaOnevisionForConditionalGeneration": "LlavaOnevisionVTWForConditionalGeneration",
+    "LlavaNextVideoForConditionalGeneration": "LlavaNextVideoVTWForConditionalGeneration",
+    "LlavaOnevisionVTWForConditionalGeneration": "LlavaOnevisionVTWForConditionalGeneration",
+    "LlavaNextVideoVTWForConditionalGeneration": "LlavaNextVideoVTWForConditionalGeneration",
 }
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 

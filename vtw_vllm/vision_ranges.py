@@ -2,8 +2,18 @@
 
 Both sides must agree exactly on which token positions are withdrawn, so both derive
 them from the request's multimodal placeholder ranges (``mm_features[i].mm_position``).
-Every position inside a placeholder range counts as a vision token (for LLaVA-NeXT this
-includes the ``image_newline`` rows), exactly the positions holding the image token id.
+
+Which tokens are vision tokens: every position inside an image or video placeholder
+range that receives a vision-tower embedding. For the LLaVA family served here (LLaVA,
+LLaVA-NeXT, LLaVA-OneVision, LLaVA-NeXT-Video) vLLM's processors fill a range with the
+image / video token id only and give it no ``is_embed`` mask, so that is the whole range:
+LLaVA-NeXT's and OneVision's ``image_newline`` rows, every pooled video frame token and
+OneVision's newline token after each video included; exactly the positions holding the
+image or video token id. A range WITH an ``is_embed`` mask (vLLM's
+``PromptUpdateDetails.select_token_id``, e.g. Pixtral-style ``[IMG_BREAK]`` /
+``[IMG_END]`` tokens inside a LLaVA image range) keeps its non-embed positions: they are
+ordinary text tokens, so only the embed runs are withdrawn. Other modalities (audio) are
+never withdrawn.
 """
 
 from __future__ import annotations
@@ -13,13 +23,34 @@ from typing import Any
 
 Ranges = tuple[tuple[int, int], ...]  # sorted, disjoint [start, end) position ranges
 
+VISION_MODALITIES = frozenset({"image", "video"})
+
+
+def _embed_runs(position: Any) -> list[tuple[int, int]]:
+    """[start, end) runs of a placeholder's positions that receive embeddings."""
+    start, length = position.offset, position.length
+    is_embed = getattr(position, "is_embed", None)
+    if is_embed is None:
+        return [(start, start + length)] if length else []
+    mask = [bool(x) for x in is_embed.tolist()]
+    runs, run_start = [], None
+    for i, embed in enumerate([*mask, False]):
+        if embed and run_start is None:
+            run_start = i
+        elif not embed and run_start is not None:
+            runs.append((start + run_start, start + i))
+            run_start = None
+    return runs
+
 
 def vision_ranges(mm_features: Iterable[Any] | None) -> Ranges:
-    """Sorted [start, end) ranges of the image placeholders of one request."""
+    """Sorted [start, end) ranges of the vision tokens (image and video placeholders,
+    embed positions only) of one request."""
     ranges = [
-        (f.mm_position.offset, f.mm_position.offset + f.mm_position.length)
+        run
         for f in mm_features or ()
-        if f.modality == "image"
+        if f.modality in VISION_MODALITIES
+        for run in _embed_runs(f.mm_position)
     ]
     return tuple(sorted(ranges))
 

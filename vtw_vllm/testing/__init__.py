@@ -1,14 +1,17 @@
-"""Test helpers: tiny deterministic LLaVA checkpoints and images (see :mod:`.fixtures`)."""
+"""Test helpers: tiny deterministic LLaVA checkpoints, images and videos (see :mod:`.fixtures`)."""
 
 from .fixtures import (
     FIXTURE_VERSION,
     KINDS,
     build_llava,
     build_llava_next,
+    build_llava_next_video,
+    build_llava_onevision,
     build_tokenizer,
     default_cache_dir,
     get_fixture,
     make_test_image,
+    make_test_video,
 )
 
 __all__ = [
@@ -16,8 +19,11 @@ __all__ = [
     "KINDS",
     "build_llava",
     "build_llava_next",
+    "build_llava_next_video",
+    "build_llava_onevision",
     "build_tokenizer",
     "default_cache_dir",
     "get_fixture",
     "make_test_image",
+    "make_test_video",
 ]

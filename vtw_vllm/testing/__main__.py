@@ -1,6 +1,7 @@
 """Fixture tools.
 
-    python -m vtw_vllm.testing build --kind llava|llava_next|all --out DIR [--seed N]
+    python -m vtw_vllm.testing build --kind llava|llava_next|llava_next_video|llava_onevision|all
+        [--out DIR] [--seed N]
     python -m vtw_vllm.testing calib-data --out DIR [--samples 20]
 
 ``calib-data`` writes PNG test images and a ``prompts.jsonl`` in the format

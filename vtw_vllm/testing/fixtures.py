@@ -1,9 +1,11 @@
 """Tiny random-init LLaVA checkpoints in the llava-hf layout, for tests without a model hub.
 
 The checkpoints keep the *shapes that matter* for Visual Tokens Withdrawal (576 vision tokens
-per LLaVA-1.5 image, a few thousand per anyres LLaVA-NeXT image, grouped-query attention, a
-multi-layer decoder) while every width is shrunk so that a build takes seconds and vLLM runs
-them on CPU. Builds are deterministic from a seed and cached on disk by :func:`get_fixture`.
+per LLaVA-1.5 image, a few thousand per anyres LLaVA-NeXT image, 144 per pooled
+LLaVA-NeXT-Video frame, 196 per pooled LLaVA-OneVision frame plus its newline token,
+grouped-query attention, a multi-layer decoder) while every width is shrunk so that a build
+takes seconds and vLLM runs them on CPU. Builds are deterministic from a seed and cached on
+disk by :func:`get_fixture`.
 """
 
 import os
@@ -12,6 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file, save_file
@@ -26,18 +29,30 @@ from transformers import (
     LlavaNextForConditionalGeneration,
     LlavaNextImageProcessor,
     LlavaNextProcessor,
+    LlavaNextVideoConfig,
+    LlavaNextVideoForConditionalGeneration,
+    LlavaNextVideoProcessor,
+    LlavaNextVideoVideoProcessor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionImageProcessor,
+    LlavaOnevisionProcessor,
+    LlavaOnevisionVideoProcessor,
     LlavaProcessor,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     ProcessorMixin,
+    Qwen2Config,
+    SiglipVisionConfig,
 )
 
 # Bump whenever a build would produce different files: it is part of the cache key.
 FIXTURE_VERSION = "1"
-KINDS = ("llava", "llava_next")
+KINDS = ("llava", "llava_next", "llava_next_video", "llava_onevision")
 
 IMAGE_TOKEN = "<image>"
+VIDEO_TOKEN = "<video>"
 _SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]  # ids 0..4, as in Llama
 _VOCAB_SIZE = 1024  # an upper bound: the built-in corpus yields 746 tokens (32064 in LLaVA-1.5)
 _INITIALIZER_RANGE = 0.2  # 0.02 in LLaVA: the tiny model would then repeat one token forever
@@ -58,6 +73,14 @@ CHAT_TEMPLATE = (
     "{{ item['text'] + ' ' }}{% endfor %}"
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+# The video fixtures' template: the same format, with a "video" content item as <video>.
+VIDEO_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(
+    "{% for item in message['content'] | selectattr('type', 'equalto', 'text') %}",
+    "{% for item in message['content'] | selectattr('type', 'equalto', 'video') %}"
+    "{{ '<video>\n' }}{% endfor %}"
+    "{% for item in message['content'] | selectattr('type', 'equalto', 'text') %}",
 )
 
 # Fixed training text, so the tokenizer (and therefore every fixture) is reproducible.
@@ -86,14 +109,19 @@ Directions: left, right, top, bottom, above, below, inside, outside, near, far, 
 """
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level BPE trained on the built-in corpus; no download, same ids on every run."""
+def build_tokenizer(video: bool = False) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on the built-in corpus; no download, same ids on every run.
+
+    ``video=True`` adds ``<video>`` as special token id 5 (the video fixtures); without
+    it the vocabulary is exactly the image fixtures' one.
+    """
+    special = _SPECIAL_TOKENS + ([VIDEO_TOKEN] if video else [])
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=_VOCAB_SIZE,
-        special_tokens=_SPECIAL_TOKENS,
+        special_tokens=special,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -108,7 +136,8 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         eos_token="</s>",
         unk_token="<unk>",
         pad_token="<pad>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        extra_special_tokens={"image_token": IMAGE_TOKEN}
+        | ({"video_token": VIDEO_TOKEN} if video else {}),
         chat_template=CHAT_TEMPLATE,
         model_max_length=4096,
     )
@@ -236,7 +265,120 @@ def build_llava_next(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     return _save(model, processor, out_dir)
 
 
-_BUILDERS = {"llava": build_llava, "llava_next": build_llava_next}
+# -- video-capable LLaVA family ----------------------------------------------------------
+
+_NUM_FRAMES = 4  # frames per test video (32 in LLaVA-NeXT-Video's examples)
+
+# LLaVA-OneVision: SigLIP at 384 px / patch 14 = 27 x 27 = 729 patches ("full" strategy,
+# last layer), pooled to 14 x 14 = 196 per video frame. Anyres up to 2 x 2 tiles here
+# (6 x 6 in llava-onevision-qwen2-*-hf), so an image is at most ~3.7k tokens.
+_OV_IMAGE_SIZE = 384
+_OV_GRID_PINPOINTS = [[384, 384], [384, 768], [768, 384], [768, 768]]
+
+
+def _video_tokenizer() -> PreTrainedTokenizerFast:
+    tokenizer = build_tokenizer(video=True)
+    tokenizer.chat_template = VIDEO_CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_llava_next_video(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a LLaVA-NeXT-Video-shaped checkpoint to ``out_dir``: the LLaVA-NeXT model
+    (CLIP tower at 336 px, Llama) with average pooling of stride 2, so a video frame is
+    12 x 12 = 144 tokens. vLLM serves its videos only (one per prompt), not images."""
+    tokenizer = _video_tokenizer()
+    config = LlavaNextVideoConfig(
+        **_common_config(tokenizer),
+        image_grid_pinpoints=_GRID_PINPOINTS,
+        video_token_index=tokenizer.convert_tokens_to_ids(VIDEO_TOKEN),
+        spatial_pool_mode="average",
+        spatial_pool_stride=2,
+        image_seq_length=576,
+        video_seq_length=144,
+    )
+    model = _init_model(LlavaNextVideoForConditionalGeneration, config, seed)
+    image_processor = LlavaNextImageProcessor(
+        **_image_processor_kwargs(), image_grid_pinpoints=_GRID_PINPOINTS
+    )
+    video_processor = LlavaNextVideoVideoProcessor(
+        size={"shortest_edge": _IMAGE_SIZE}, crop_size={"height": _IMAGE_SIZE, "width": _IMAGE_SIZE}
+    )
+    kwargs = _processor_kwargs() | {"chat_template": VIDEO_CHAT_TEMPLATE}
+    processor = LlavaNextVideoProcessor(
+        video_processor=video_processor,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        **kwargs,
+    )
+    return _save(model, processor, out_dir)
+
+
+def build_llava_onevision(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a LLaVA-OneVision-shaped checkpoint to ``out_dir``: SigLIP tower, Qwen2
+    decoder (8 layers, q/k/v biases, tied embeddings as in the 0.5B), anyres images
+    (``anyres_max_9``, 2 x 2 tiles at most here) and bilinear-pooled video frames of
+    196 tokens followed by one ``image_newline`` token per video."""
+    tokenizer = _video_tokenizer()
+    text_config = Qwen2Config(
+        vocab_size=len(tokenizer),  # 151647 in llava-onevision-qwen2-0.5b-ov-hf
+        hidden_size=128,  # 896
+        intermediate_size=256,  # 4864
+        num_hidden_layers=8,  # 24
+        num_attention_heads=4,  # 14; head_dim 32 (64)
+        num_key_value_heads=2,  # 2
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        initializer_range=_INITIALIZER_RANGE,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    vision_config = SiglipVisionConfig(
+        image_size=_OV_IMAGE_SIZE,  # 384
+        patch_size=_PATCH_SIZE,  # 14
+        hidden_size=64,  # 1152
+        intermediate_size=128,  # 4304
+        num_hidden_layers=2,  # 26
+        num_attention_heads=2,  # 16
+        vision_use_head=False,
+    )
+    config = LlavaOnevisionConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        video_token_index=tokenizer.convert_tokens_to_ids(VIDEO_TOKEN),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+        image_grid_pinpoints=_OV_GRID_PINPOINTS,
+        projector_hidden_act="gelu",
+        tie_word_embeddings=True,
+    )
+    model = _init_model(LlavaOnevisionForConditionalGeneration, config, seed)
+    size = {"height": _OV_IMAGE_SIZE, "width": _OV_IMAGE_SIZE}
+    image_processor = LlavaOnevisionImageProcessor(
+        size=size, image_grid_pinpoints=_OV_GRID_PINPOINTS
+    )
+    video_processor = LlavaOnevisionVideoProcessor(size=size)
+    processor = LlavaOnevisionProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        num_image_tokens=(_OV_IMAGE_SIZE // _PATCH_SIZE) ** 2,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+        chat_template=VIDEO_CHAT_TEMPLATE,
+    )
+    return _save(model, processor, out_dir)
+
+
+_BUILDERS = {
+    "llava": build_llava,
+    "llava_next": build_llava_next,
+    "llava_next_video": build_llava_next_video,
+    "llava_onevision": build_llava_onevision,
+}
 
 
 def default_cache_dir() -> Path:
@@ -282,3 +424,24 @@ def make_test_image(seed: int, size: tuple[int, int] = (336, 336)) -> Image.Imag
         y0, y1 = sorted(rng.randrange(height + 1) for _ in range(2))
         draw.rectangle((x0, y0, x1, y1), fill=tuple(rng.randrange(256) for _ in range(3)))
     return image
+
+
+def make_test_video(
+    seed: int, num_frames: int = _NUM_FRAMES, size: tuple[int, int] = (336, 336)
+) -> np.ndarray:
+    """A deterministic video, ``[num_frames, height, width, 3]`` uint8 (what vLLM and the
+    transformers video processors take): a test image whose rectangles drift frame by frame."""
+    rng = random.Random(seed)
+    width, height = size
+    base = make_test_image(seed, size=size)
+    frames = []
+    for f in range(num_frames):
+        frame = base.copy()
+        draw = ImageDraw.Draw(frame)
+        for _ in range(3):
+            x = (rng.randrange(width) + 17 * f) % width
+            y = (rng.randrange(height) + 11 * f) % height
+            w, h = rng.randint(8, width // 3), rng.randint(8, height // 3)
+            draw.rectangle((x, y, x + w, y + h), fill=tuple(rng.randrange(256) for _ in range(3)))
+        frames.append(np.asarray(frame, dtype=np.uint8))
+    return np.stack(frames)

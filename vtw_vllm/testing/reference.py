@@ -1,11 +1,12 @@
 """An independent VTW reference: plain transformers on the same weights, batch 1, no cache.
 
 What the paper (and its authors' code) does: decoder layers with index < K run on the
-whole sequence; at layer K every image-token row is dropped from the hidden states and
-the position ids; layers >= K run on the rest with the original positions. Decoding is
-recomputed from scratch each step (generated tokens are text, so they are never
-withdrawn), which is what a KV-cached VTW decode must equal. Nothing here shares code
-with the engine path.
+whole sequence; at layer K every vision-token row is dropped from the hidden states and
+the position ids (a row holding the image token id, or for the video models the video
+token id: every pooled frame token, and OneVision's newline after each video, carry it);
+layers >= K run on the rest with the original positions. Decoding is recomputed from
+scratch each step (generated tokens are text, so they are never withdrawn), which is what
+a KV-cached VTW decode must equal. Nothing here shares code with the engine path.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -38,7 +40,7 @@ def _load(model_dir: str):
 
 
 def _merged_input_embeds(model, inputs) -> torch.Tensor:
-    """The language model's input embeddings with the image features merged in, as
+    """The language model's input embeddings with the image/video features merged in, as
     transformers computes them (captured at the language model's entry)."""
     captured = {}
 
@@ -82,20 +84,27 @@ def vtw_generate(
     k: int,
     max_tokens: int,
     add_special_tokens: bool = True,  # False for chat-rendered prompts (no BOS), as vLLM
+    videos: list[np.ndarray] | None = None,  # [frames, height, width, 3] uint8 each
 ) -> ReferenceResult:
     """Greedy VTW generation; ``k >= num_hidden_layers`` is the plain model."""
     model, processor = _load(str(model_dir))
+    media = {"images": images or None}
+    if videos:
+        media["videos"] = list(videos)
     inputs = processor(
         text=prompt,
-        images=images or None,
         return_tensors="pt",
         add_special_tokens=add_special_tokens,
+        **media,
     )
     prompt_ids = inputs["input_ids"][0]
-    embeds = _merged_input_embeds(model, inputs) if images else None
+    embeds = _merged_input_embeds(model, inputs) if images or videos else None
     if embeds is None:
         embeds = model.get_input_embeddings()(prompt_ids)[None]
-    is_vision = prompt_ids == model.config.image_token_id
+    vision_ids = [model.config.image_token_id]
+    if getattr(model.config, "video_token_id", None) is not None:
+        vision_ids.append(model.config.video_token_id)
+    is_vision = torch.isin(prompt_ids, torch.tensor(vision_ids))
 
     tokens: list[int] = []
     first_logprobs = None

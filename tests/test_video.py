@@ -1,0 +1,157 @@
+"""VTW for the video-capable LLaVA family on the real vLLM engine (CPU).
+
+LLaVA-NeXT-Video (Llama; one video per prompt, vLLM serves no images for it) and
+LLaVA-OneVision (Qwen2; images and videos, together in one prompt too), on their tiny
+fixtures. Every position of an image or video placeholder is withdrawn at K (pooled frame
+tokens, OneVision's newline after a video and its image newline rows). Per model: one
+stock engine and one VTW engine (``vtw_layer_group_size=1``: every K), both eager with a
+small KV cache; K = N equals stock, K < N equals the transformers reference, and a batch
+of mixed K equals its requests run alone.
+"""
+
+import pytest
+import torch
+from conftest import assert_close, vllm_engine
+
+from vtw_vllm.testing import get_fixture, make_test_image, make_test_video
+from vtw_vllm.testing.reference import vtw_generate
+
+pytestmark = pytest.mark.engine
+NUM_LAYERS = 8
+MAX_TOKENS = 6
+TEXT_ONLY = ("USER: Tell me a short story about a red triangle. ASSISTANT:", {})
+
+# (prompt, media): media maps "image" to (seed, size) and "video" to (seed, frames, size).
+MODELS = {
+    "llava_next_video": {
+        "arch": "LlavaNextVideoVTWForConditionalGeneration",
+        "limit": {"video": 1},
+        "requests": [
+            ("USER: <video>\nWhat happens in the video? ASSISTANT:", {"video": (0, 4, (336, 336))}),
+            (
+                "A chat between a curious user and an artificial intelligence assistant. "
+                "USER: <video>\nDescribe the motion, frame by frame. ASSISTANT:",
+                {"video": (1, 6, (640, 480))},  # resized and centre-cropped to 336: 864 tokens
+            ),
+            TEXT_ONLY,
+        ],
+    },
+    "llava_onevision": {
+        "arch": "LlavaOnevisionVTWForConditionalGeneration",
+        "limit": {"image": 1, "video": 1},
+        "requests": [
+            ("USER: <video>\nWhat happens in the video? ASSISTANT:", {"video": (0, 4, (336, 336))}),
+            (
+                "USER: <image>\n<video>\nDoes the video show the picture? ASSISTANT:",
+                {"image": (2, (384, 384)), "video": (3, 3, (384, 384))},  # 1485 + 589 tokens
+            ),
+            TEXT_ONLY,
+        ],
+    },
+}
+
+
+def _media(spec: dict) -> tuple[list, list]:
+    images = [make_test_image(spec["image"][0], size=spec["image"][1])] if "image" in spec else []
+    videos = []
+    if "video" in spec:
+        seed, frames, size = spec["video"]
+        videos = [make_test_video(seed, num_frames=frames, size=size)]
+    return images, videos
+
+
+def _prompt(kind: str, i: int) -> dict:
+    text, spec = MODELS[kind]["requests"][i]
+    images, videos = _media(spec)
+    prompt = {"prompt": text}
+    data = {}
+    if images:
+        data["image"] = images[0]
+    if videos:
+        data["video"] = videos[0]
+    if data:
+        prompt["multi_modal_data"] = data
+    return prompt
+
+
+def _params(k: int | None = None):
+    from vllm import SamplingParams
+
+    extra = None if k is None else {"vtw_k": k}
+    return SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=-1, extra_args=extra)
+
+
+def _first_logprobs(output) -> torch.Tensor:
+    first = output.outputs[0].logprobs[0]
+    values = torch.full((max(first) + 1,), float("-inf"))
+    for token_id, lp in first.items():
+        values[token_id] = lp.logprob
+    return values
+
+
+def _generate(llm, kind: str, indices: list[int], ks: list[int | None]):
+    return llm.generate([_prompt(kind, i) for i in indices], [_params(k) for k in ks])
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def model(request):
+    """(kind, model dir, stock outputs, VTW engine): the stock engine is gone before the
+    VTW engine starts; one model's engines are gone before the next model's start."""
+    kind = request.param
+    model_dir = str(get_fixture(kind))
+    limit = MODELS[kind]["limit"]
+    indices = list(range(len(MODELS[kind]["requests"])))
+    with vllm_engine(model_dir, limit_mm_per_prompt=limit) as llm:
+        stock = _generate(llm, kind, indices, [None] * len(indices))
+    overrides = {"architectures": [MODELS[kind]["arch"]], "vtw_layer_group_size": 1}
+    with vllm_engine(model_dir, limit_mm_per_prompt=limit, hf_overrides=overrides) as llm:
+        yield kind, model_dir, stock, llm
+
+
+def test_k_equals_n_is_stock(model):
+    kind, _, stock, llm = model
+    indices = list(range(len(stock)))
+    for ks in ([None] * len(indices), [NUM_LAYERS] * len(indices)):
+        for out, ref in zip(_generate(llm, kind, indices, ks), stock, strict=True):
+            assert out.prompt_token_ids == ref.prompt_token_ids
+            assert out.outputs[0].token_ids == ref.outputs[0].token_ids, (kind, ks)
+            assert_close(_first_logprobs(out), _first_logprobs(ref), atol=1e-4, what=kind)
+
+
+@pytest.mark.parametrize("k", [2, NUM_LAYERS - 2])
+def test_matches_reference(model, k):
+    kind, model_dir, _, llm = model
+    requests = MODELS[kind]["requests"]
+    indices = [i for i, (_, spec) in enumerate(requests) if spec]  # the vision requests
+    outputs = _generate(llm, kind, indices, [k] * len(indices))
+    for i, out in zip(indices, outputs, strict=True):
+        text, spec = requests[i]
+        images, videos = _media(spec)
+        ref = vtw_generate(model_dir, text, images, k, MAX_TOKENS, videos=videos)
+        assert out.prompt_token_ids == ref.prompt_token_ids
+        assert list(out.outputs[0].token_ids) == ref.token_ids, f"{kind} request {i}, K={k}"
+        vllm_lp = _first_logprobs(out)
+        assert_close(vllm_lp, ref.first_logprobs[: len(vllm_lp)], atol=1e-3, what=f"{kind} {i}")
+
+
+def test_vtw_changes_vision_requests_only(model):
+    kind, _, stock, llm = model
+    indices = list(range(len(stock)))
+    outputs = _generate(llm, kind, indices, [1] * len(indices))
+    for i, out in zip(indices, outputs, strict=True):
+        diff = (_first_logprobs(out) - _first_logprobs(stock[i])).abs().max().item()
+        if MODELS[kind]["requests"][i][1]:
+            assert diff > 1e-2, f"{kind} request {i}: withdrawal at K=1 changed nothing"
+        else:
+            assert diff <= 1e-4, f"{kind} request {i}: a text-only request changed"
+            assert out.outputs[0].token_ids == stock[i].outputs[0].token_ids
+
+
+def test_mixed_k_batch_equals_solo_runs(model):
+    kind, _, _, llm = model
+    indices, ks = [0, 1, 2, 0, 1], [2, 5, 3, NUM_LAYERS, 7]
+    batch = _generate(llm, kind, indices, ks)
+    for i, k, out in zip(indices, ks, batch, strict=True):
+        (solo,) = _generate(llm, kind, [i], [k])
+        assert out.outputs[0].token_ids == solo.outputs[0].token_ids, f"{kind} request {i}, K={k}"
+        assert_close(_first_logprobs(out), _first_logprobs(solo), atol=1e-4, what="logprobs")
