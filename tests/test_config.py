@@ -93,3 +93,20 @@ def test_scheduler_factory_follows_async_scheduling(monkeypatch, async_schedulin
     assert isinstance(scheduler, AsyncScheduler) is async_scheduling
     assert built == {"vllm_config": config, "block_size": 16}
     assert VTWAsyncScheduler._get_local_prefix_cache_hit is VTWScheduler._get_local_prefix_cache_hit
+
+
+@pytest.mark.parametrize(
+    "dtype, expected",
+    [("bfloat16", "FLASH_ATTN"), ("float16", "FLASH_ATTN"), ("float32", "TRITON_ATTN")],
+)
+def test_cuda_attention_backend_choice(monkeypatch, dtype, expected):
+    """On CUDA (platform faked: plain Python), an unset backend becomes one VTW supports."""
+    import torch
+    from vllm.platforms import current_platform
+
+    from vtw_vllm.engine_config import _choose_attention_backend
+
+    monkeypatch.setattr(current_platform, "is_cuda", lambda: True)
+    attention = SimpleNamespace(backend=None)
+    _choose_attention_backend(attention, getattr(torch, dtype))
+    assert attention.backend.name == expected

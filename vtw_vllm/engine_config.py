@@ -16,8 +16,8 @@ fill in their defaults. It changes only what VTW cannot run with and says so:
 - the multimodal processor cache stays on (a rejected request's images are dropped
   from it, :func:`vtw_vllm.vllm_patches.forget_rejected_request_images`);
 - pipeline parallelism, speculative decoding, LoRA, microbatching (DBO) and context
-  parallelism are refused; on CUDA the attention backend is FLASH_ATTN unless the user
-  names TRITON_ATTN (FlashInfer is refused).
+  parallelism are refused; on CUDA the attention backend is FLASH_ATTN (16-bit) or TRITON_ATTN
+  (fp32) unless the user names one of them (FlashInfer is refused).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class VTWEngineConfigHook(VerifyAndUpdateConfig):
         if vllm_config.speculative_config is not None:
             raise ValueError("VTW does not support speculative decoding yet")
         _refuse_unsupported(vllm_config)
-        _choose_attention_backend(vllm_config.attention_config)
+        _choose_attention_backend(vllm_config.attention_config, vllm_config.model_config.dtype)
 
         # Prefix caching stays as the user set it (vLLM's default: on); the VTW scheduler
         # does the lookup, which KV connectors (disaggregated prefill, offloading) bypass,
@@ -104,9 +104,11 @@ def _refuse_unsupported(vllm_config) -> None:
         raise ValueError("VTW does not support decode/prefill context parallelism yet")
 
 
-def _choose_attention_backend(attention_config) -> None:
-    """On CUDA, an unset backend becomes FLASH_ATTN (vLLM might pick FlashInfer); an
-    explicit one outside :data:`SUPPORTED_ATTENTION_BACKENDS` is refused."""
+def _choose_attention_backend(attention_config, dtype) -> None:
+    """On CUDA, an unset backend becomes FLASH_ATTN for 16-bit models and TRITON_ATTN
+    otherwise (FlashAttention has no fp32; vLLM itself might pick FlashInfer); an explicit
+    one outside :data:`SUPPORTED_ATTENTION_BACKENDS` is refused."""
+    import torch
     from vllm.platforms import current_platform
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
@@ -118,11 +120,13 @@ def _choose_attention_backend(attention_config) -> None:
             f"prefills by query length, which a compacted KV group breaks"
         )
     if backend is None and current_platform.is_cuda():
+        name = "FLASH_ATTN" if dtype in (torch.float16, torch.bfloat16) else "TRITON_ATTN"
         logger.info(
-            "VTW: attention backend FLASH_ATTN (compacted KV groups need one of %s)",
+            "VTW: attention backend %s (compacted KV groups need one of %s)",
+            name,
             list(SUPPORTED_ATTENTION_BACKENDS),
         )
-        attention_config.backend = AttentionBackendEnum.FLASH_ATTN
+        attention_config.backend = AttentionBackendEnum[name]
 
 
 def _use_piecewise_cuda_graphs(compilation_config) -> None:
