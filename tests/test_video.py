@@ -9,12 +9,16 @@ small KV cache; K = N equals stock, K < N equals the transformers reference, and
 of mixed K equals its requests run alone.
 """
 
+import math
+import os
+
 import pytest
 import torch
 from conftest import assert_close, vllm_engine
 
 from vtw_vllm.testing import get_fixture, make_test_image, make_test_video
 from vtw_vllm.testing.reference import vtw_generate
+from vtw_vllm.vision_ranges import kept_tokens, vision_ranges
 
 pytestmark = pytest.mark.engine
 NUM_LAYERS = 8
@@ -91,6 +95,61 @@ def _first_logprobs(output) -> torch.Tensor:
 
 def _generate(llm, kind: str, indices: list[int], ks: list[int | None]):
     return llm.generate([_prompt(kind, i) for i in indices], [_params(k) for k in ks])
+
+
+def test_video_kv_blocks_follow_formula_and_return():
+    """OneVision, image + video and video-only requests at K=4 (KV groups [0, 4) and
+    [4, 8)), chunked prefill: at every step the deep group holds blocks for the text
+    tokens only, the shallow group for every token; every block returns to the pool; the
+    tokens equal the reference. (First in the module: no other engine is alive.)"""
+    kind, block_size, k = "llava_onevision", 32, 4  # CPU_ATTN needs multiples of 32
+    model_dir = str(get_fixture(kind))
+    old = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # scheduler in this process
+    overrides = {"architectures": [MODELS[kind]["arch"]], "vtw_k": k, "vtw_allowed_k": [k]}
+    try:
+        with vllm_engine(
+            model_dir,
+            limit_mm_per_prompt=MODELS[kind]["limit"],
+            hf_overrides=overrides,
+            block_size=block_size,
+            max_num_batched_tokens=512,  # chunked prefill through the image and the video
+            kv_cache_memory_bytes=32 * 2**20,
+        ) as llm:
+            sched = llm.llm_engine.engine_core.engine_core.scheduler
+            pool = sched.kv_cache_manager.block_pool
+            managers = sched.kv_cache_manager.coordinator.single_type_managers
+            assert sorted(m.kv_cache_spec.first_layer for m in managers) == [0, k]
+            free_at_start = pool.get_num_free_blocks()
+            for j, i in enumerate((0, 1, 0)):
+                llm.llm_engine.add_request(f"r{i}-{j}", _prompt(kind, i), _params())
+            outputs, checked = {}, 0
+            while llm.llm_engine.has_unfinished_requests():
+                for out in llm.llm_engine.step():
+                    if out.finished:
+                        outputs[out.request_id] = out
+                for req_id, request in sched.requests.items():
+                    ranges = vision_ranges(request.mm_features)
+                    assert ranges, req_id
+                    n = request.num_computed_tokens
+                    for manager in managers:
+                        deep = manager.kv_cache_spec.first_layer >= k
+                        held = kept_tokens(ranges, n) if deep else n
+                        blocks = len(manager.req_to_blocks[req_id])
+                        assert blocks == math.ceil(held / block_size), (req_id, n, deep)
+                        checked += 1
+            assert checked > 20
+            assert pool.get_num_free_blocks() == free_at_start
+    finally:
+        if old is None:
+            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
+        else:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = old
+    for req_id, out in outputs.items():
+        text, spec = MODELS[kind]["requests"][int(req_id[1])]
+        images, videos = _media(spec)
+        ref = vtw_generate(model_dir, text, images, k, MAX_TOKENS, videos=videos)
+        assert list(out.outputs[0].token_ids) == ref.token_ids, req_id
 
 
 @pytest.fixture(scope="module", params=list(MODELS))
