@@ -201,7 +201,7 @@ def test_prompt_ending_with_an_image_and_prompt_logprobs(engine):
         "prompt": "USER: What is this? <image>",
         "multi_modal_data": {"image": make_test_image(41)},
     }
-    with pytest.raises(VLLMValidationError, match="must not end with an image"):
+    with pytest.raises(VLLMValidationError, match="must not end with an image or video"):
         engine.generate(ends_with_image, _params(2))
     (out,) = engine.generate(ends_with_image, _params(8))  # K = N: no withdrawal
     assert len(out.outputs[0].token_ids) == MAX_TOKENS

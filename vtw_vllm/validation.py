@@ -13,7 +13,7 @@
    in the front end, and again in the engine process for requests that reach it another
    way (both wrappers in :mod:`vtw_vllm.vllm_patches`). With K < N it refuses
 
-   - a prompt whose last token is a vision token: that row is the one sampled from, and
+   - a prompt whose last token is a vision (image or video) token: that row is the one sampled from, and
      it would be withdrawn at layer K (its logits would not be the model's);
    - prompt log-probs on a prompt with images: the withdrawn rows have none.
 """
@@ -48,8 +48,8 @@ def validate_request(
     if ranges[-1][1] >= num_prompt_tokens:
         raise VLLMValidationError(
             f"with {EXTRA_ARGS_KEY}={k} < {vtw.num_layers}, a prompt must not end with an "
-            f"image: its last token is the row the first output token is sampled from, and "
-            f"image rows are withdrawn at layer {k}. Add text after the image, or use "
+            f"image or video: its last token is the row the first output token is sampled "
+            f"from, and vision rows are withdrawn at layer {k}. Add text after it, or use "
             f"{EXTRA_ARGS_KEY}={vtw.num_layers}",
             parameter=EXTRA_ARGS_KEY,
         )
