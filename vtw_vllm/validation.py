@@ -13,8 +13,9 @@
    in the front end, and again in the engine process for requests that reach it another
    way (both wrappers in :mod:`vtw_vllm.vllm_patches`). With K < N it refuses
 
-   - a prompt whose last token is a vision (image or video) token: that row is the one sampled from, and
-     it would be withdrawn at layer K (its logits would not be the model's);
+   - a prompt whose last token is a vision (image or video) token: that row is the one
+     sampled from, and it would be withdrawn at layer K (its logits would not be the
+     model's);
    - prompt log-probs on a prompt with images: the withdrawn rows have none.
 """
 
