@@ -47,6 +47,31 @@ def vllm_engine(model: str, **overrides) -> Iterator["object"]:
         gc.collect()
 
 
+@contextlib.contextmanager
+def in_process_engine(model: str, **overrides) -> Iterator["object"]:
+    """:func:`vllm_engine` with the engine core in this process, so a test can read the
+    scheduler (``llm.llm_engine.engine_core.engine_core.scheduler``) between steps."""
+    old = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    try:
+        with vllm_engine(model, **overrides) as llm:
+            yield llm
+    finally:
+        if old is None:
+            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
+        else:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = old
+
+
+def first_logprobs(output) -> torch.Tensor:
+    """The first generated token's log-probabilities as a dense vector (-inf elsewhere)."""
+    first = output.outputs[0].logprobs[0]
+    values = torch.full((max(first) + 1,), float("-inf"))
+    for token_id, lp in first.items():
+        values[token_id] = lp.logprob
+    return values
+
+
 def assert_close(
     actual: torch.Tensor,
     expected: torch.Tensor,

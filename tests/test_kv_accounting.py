@@ -8,10 +8,9 @@ with an image) at K <= 4 (<= 40 blocks per image request) but not at K = 6 (58) 
 (76): the K = 8 run goes through preemption and recompute."""
 
 import math
-import os
 
 import pytest
-from conftest import vllm_engine
+from conftest import in_process_engine
 
 from vtw_vllm.testing import get_fixture, make_test_image
 from vtw_vllm.testing.reference import vtw_generate
@@ -23,27 +22,19 @@ K, BLOCK_SIZE, MAX_TOKENS = 4, 32, 5  # CPU_ATTN needs multiples of 32
 
 @pytest.fixture(scope="module")
 def engine():
-    old = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # scheduler in this process
-    try:
-        with vllm_engine(
-            str(get_fixture("llava")),
-            hf_overrides={
-                "architectures": ["LlavaVTWForConditionalGeneration"],
-                "vtw_k": K,
-                "vtw_layer_group_size": 2,
-            },
-            block_size=BLOCK_SIZE,
-            max_num_batched_tokens=256,  # chunked prefill: one chunk holds only vision tokens
-            kv_cache_memory_bytes=6 * 2**20,
-            max_model_len=1024,
-        ) as llm:
-            yield llm
-    finally:
-        if old is None:
-            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
-        else:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = old
+    with in_process_engine(
+        str(get_fixture("llava")),
+        hf_overrides={
+            "architectures": ["LlavaVTWForConditionalGeneration"],
+            "vtw_k": K,
+            "vtw_layer_group_size": 2,
+        },
+        block_size=BLOCK_SIZE,
+        max_num_batched_tokens=256,  # chunked prefill: one chunk holds only vision tokens
+        kv_cache_memory_bytes=6 * 2**20,
+        max_model_len=1024,
+    ) as llm:
+        yield llm
 
 
 def _scheduler(llm):

@@ -13,10 +13,8 @@ copy-on-write). Each turn resends the whole conversation; a turn after the first
 and every block must be back in the pool at the end.
 """
 
-import os
-
 import pytest
-from conftest import assert_close, vllm_engine
+from conftest import assert_close, in_process_engine
 
 from vtw_vllm.testing import get_fixture, make_test_image
 from vtw_vllm.testing.reference import vtw_generate
@@ -72,25 +70,17 @@ def _params(k: int | None = None):
 
 @pytest.fixture(scope="module")
 def engine():
-    old = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # scheduler in this process
-    try:
-        with vllm_engine(
-            str(get_fixture("llava")),
-            hf_overrides={
-                "architectures": ["LlavaVTWForConditionalGeneration"],
-                "vtw_k": K,
-                "vtw_layer_group_size": 2,
-            },
-            block_size=BLOCK,
-            limit_mm_per_prompt={"image": 2},
-        ) as llm:
-            yield llm
-    finally:
-        if old is None:
-            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
-        else:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = old
+    with in_process_engine(
+        str(get_fixture("llava")),
+        hf_overrides={
+            "architectures": ["LlavaVTWForConditionalGeneration"],
+            "vtw_k": K,
+            "vtw_layer_group_size": 2,
+        },
+        block_size=BLOCK,
+        limit_mm_per_prompt={"image": 2},
+    ) as llm:
+        yield llm
 
 
 def _pool(llm):

@@ -10,11 +10,9 @@ of mixed K equals its requests run alone.
 """
 
 import math
-import os
 
 import pytest
-import torch
-from conftest import assert_close, vllm_engine
+from conftest import assert_close, first_logprobs, in_process_engine, vllm_engine
 
 from vtw_vllm.testing import get_fixture, make_test_image, make_test_video
 from vtw_vllm.testing.reference import vtw_generate
@@ -85,14 +83,6 @@ def _params(k: int | None = None):
     return SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=-1, extra_args=extra)
 
 
-def _first_logprobs(output) -> torch.Tensor:
-    first = output.outputs[0].logprobs[0]
-    values = torch.full((max(first) + 1,), float("-inf"))
-    for token_id, lp in first.items():
-        values[token_id] = lp.logprob
-    return values
-
-
 def _generate(llm, kind: str, indices: list[int], ks: list[int | None]):
     return llm.generate([_prompt(kind, i) for i in indices], [_params(k) for k in ks])
 
@@ -104,47 +94,39 @@ def test_video_kv_blocks_follow_formula_and_return():
     tokens equal the reference. (First in the module: no other engine is alive.)"""
     kind, block_size, k = "llava_onevision", 32, 4  # CPU_ATTN needs multiples of 32
     model_dir = str(get_fixture(kind))
-    old = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # scheduler in this process
     overrides = {"architectures": [MODELS[kind]["arch"]], "vtw_k": k, "vtw_allowed_k": [k]}
-    try:
-        with vllm_engine(
-            model_dir,
-            limit_mm_per_prompt=MODELS[kind]["limit"],
-            hf_overrides=overrides,
-            block_size=block_size,
-            max_num_batched_tokens=512,  # chunked prefill through the image and the video
-            kv_cache_memory_bytes=32 * 2**20,
-        ) as llm:
-            sched = llm.llm_engine.engine_core.engine_core.scheduler
-            pool = sched.kv_cache_manager.block_pool
-            managers = sched.kv_cache_manager.coordinator.single_type_managers
-            assert sorted(m.kv_cache_spec.first_layer for m in managers) == [0, k]
-            free_at_start = pool.get_num_free_blocks()
-            for j, i in enumerate((0, 1, 0)):
-                llm.llm_engine.add_request(f"r{i}-{j}", _prompt(kind, i), _params())
-            outputs, checked = {}, 0
-            while llm.llm_engine.has_unfinished_requests():
-                for out in llm.llm_engine.step():
-                    if out.finished:
-                        outputs[out.request_id] = out
-                for req_id, request in sched.requests.items():
-                    ranges = vision_ranges(request.mm_features)
-                    assert ranges, req_id
-                    n = request.num_computed_tokens
-                    for manager in managers:
-                        deep = manager.kv_cache_spec.first_layer >= k
-                        held = kept_tokens(ranges, n) if deep else n
-                        blocks = len(manager.req_to_blocks[req_id])
-                        assert blocks == math.ceil(held / block_size), (req_id, n, deep)
-                        checked += 1
-            assert checked > 20
-            assert pool.get_num_free_blocks() == free_at_start
-    finally:
-        if old is None:
-            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
-        else:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = old
+    with in_process_engine(
+        model_dir,
+        limit_mm_per_prompt=MODELS[kind]["limit"],
+        hf_overrides=overrides,
+        block_size=block_size,
+        max_num_batched_tokens=512,  # chunked prefill through the image and the video
+        kv_cache_memory_bytes=32 * 2**20,
+    ) as llm:
+        sched = llm.llm_engine.engine_core.engine_core.scheduler
+        pool = sched.kv_cache_manager.block_pool
+        managers = sched.kv_cache_manager.coordinator.single_type_managers
+        assert sorted(m.kv_cache_spec.first_layer for m in managers) == [0, k]
+        free_at_start = pool.get_num_free_blocks()
+        for j, i in enumerate((0, 1, 0)):
+            llm.llm_engine.add_request(f"r{i}-{j}", _prompt(kind, i), _params())
+        outputs, checked = {}, 0
+        while llm.llm_engine.has_unfinished_requests():
+            for out in llm.llm_engine.step():
+                if out.finished:
+                    outputs[out.request_id] = out
+            for req_id, request in sched.requests.items():
+                ranges = vision_ranges(request.mm_features)
+                assert ranges, req_id
+                n = request.num_computed_tokens
+                for manager in managers:
+                    deep = manager.kv_cache_spec.first_layer >= k
+                    held = kept_tokens(ranges, n) if deep else n
+                    blocks = len(manager.req_to_blocks[req_id])
+                    assert blocks == math.ceil(held / block_size), (req_id, n, deep)
+                    checked += 1
+        assert checked > 20
+        assert pool.get_num_free_blocks() == free_at_start
     for req_id, out in outputs.items():
         text, spec = MODELS[kind]["requests"][int(req_id[1])]
         images, videos = _media(spec)
@@ -174,7 +156,7 @@ def test_k_equals_n_is_stock(model):
         for out, ref in zip(_generate(llm, kind, indices, ks), stock, strict=True):
             assert out.prompt_token_ids == ref.prompt_token_ids
             assert out.outputs[0].token_ids == ref.outputs[0].token_ids, (kind, ks)
-            assert_close(_first_logprobs(out), _first_logprobs(ref), atol=1e-4, what=kind)
+            assert_close(first_logprobs(out), first_logprobs(ref), atol=1e-4, what=kind)
 
 
 @pytest.mark.parametrize("k", [2, NUM_LAYERS - 2])
@@ -189,7 +171,7 @@ def test_matches_reference(model, k):
         ref = vtw_generate(model_dir, text, images, k, MAX_TOKENS, videos=videos)
         assert out.prompt_token_ids == ref.prompt_token_ids
         assert list(out.outputs[0].token_ids) == ref.token_ids, f"{kind} request {i}, K={k}"
-        vllm_lp = _first_logprobs(out)
+        vllm_lp = first_logprobs(out)
         assert_close(vllm_lp, ref.first_logprobs[: len(vllm_lp)], atol=1e-3, what=f"{kind} {i}")
 
 
@@ -198,7 +180,7 @@ def test_vtw_changes_vision_requests_only(model):
     indices = list(range(len(stock)))
     outputs = _generate(llm, kind, indices, [1] * len(indices))
     for i, out in zip(indices, outputs, strict=True):
-        diff = (_first_logprobs(out) - _first_logprobs(stock[i])).abs().max().item()
+        diff = (first_logprobs(out) - first_logprobs(stock[i])).abs().max().item()
         if MODELS[kind]["requests"][i][1]:
             assert diff > 1e-2, f"{kind} request {i}: withdrawal at K=1 changed nothing"
         else:
@@ -213,4 +195,4 @@ def test_mixed_k_batch_equals_solo_runs(model):
     for i, k, out in zip(indices, ks, batch, strict=True):
         (solo,) = _generate(llm, kind, [i], [k])
         assert out.outputs[0].token_ids == solo.outputs[0].token_ids, f"{kind} request {i}, K={k}"
-        assert_close(_first_logprobs(out), _first_logprobs(solo), atol=1e-4, what="logprobs")
+        assert_close(first_logprobs(out), first_logprobs(solo), atol=1e-4, what="logprobs")

@@ -8,8 +8,7 @@ at vLLM's defaults here (torch.compile on, prefix caching on for stock), not eag
 import os
 
 import pytest
-import torch
-from conftest import assert_close, vllm_engine
+from conftest import assert_close, first_logprobs, vllm_engine
 
 from vtw_vllm.testing import get_fixture, make_test_image
 from vtw_vllm.testing.reference import vtw_generate
@@ -46,14 +45,6 @@ def _params(k: int | None = None):
 
     extra = None if k is None else {"vtw_k": k}
     return SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=-1, extra_args=extra)
-
-
-def _first_logprobs(output) -> torch.Tensor:
-    first = output.outputs[0].logprobs[0]
-    values = torch.full((max(first) + 1,), float("-inf"))
-    for token_id, lp in first.items():
-        values[token_id] = lp.logprob
-    return values
 
 
 def _generate(llm, indices: list[int], ks: list[int | None]):
@@ -95,7 +86,7 @@ def test_k_equals_n_is_stock(vtw_llava, stock_outputs):
     for ks in ([None] * len(indices), [NUM_LAYERS] * len(indices)):
         for out, ref in zip(_generate(vtw_llava, indices, ks), stock_outputs, strict=True):
             assert out.outputs[0].token_ids == ref.outputs[0].token_ids
-            assert_close(_first_logprobs(out), _first_logprobs(ref), atol=1e-4, what="logprobs")
+            assert_close(first_logprobs(out), first_logprobs(ref), atol=1e-4, what="logprobs")
 
 
 @pytest.mark.parametrize("k", [1, NUM_LAYERS // 2, NUM_LAYERS - 1])
@@ -108,7 +99,7 @@ def test_matches_reference(vtw_llava, llava_dir, k):
         ref = vtw_generate(llava_dir, text, images, k, MAX_TOKENS)
         assert out.prompt_token_ids == ref.prompt_token_ids
         assert list(out.outputs[0].token_ids) == ref.token_ids, f"request {i}, K={k}"
-        vllm_lp = _first_logprobs(out)
+        vllm_lp = first_logprobs(out)
         assert_close(vllm_lp, ref.first_logprobs[: len(vllm_lp)], atol=1e-3, what=f"req {i}")
 
 
@@ -124,7 +115,7 @@ def test_mixed_k_batch_equals_solo_runs(vtw_llava):
     for i, k, out in zip(indices, ks, batch, strict=True):
         (solo,) = _generate(vtw_llava, [i], [k])
         assert out.outputs[0].token_ids == solo.outputs[0].token_ids, f"request {i}, K={k}"
-        assert_close(_first_logprobs(out), _first_logprobs(solo), atol=1e-4, what="logprobs")
+        assert_close(first_logprobs(out), first_logprobs(solo), atol=1e-4, what="logprobs")
 
 
 def _group_starts(model) -> list[int]:
