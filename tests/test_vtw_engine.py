@@ -147,26 +147,32 @@ def test_llava_next_matches_reference():
 def _compile_state(model) -> dict:
     from torch._dynamo.utils import counters
 
-    language_model = model.language_model.model  # vLLM's @support_torch_compile LlamaModel
+    spans = model._vtw_spans  # one vLLM @support_torch_compile unit per KV layer group
     return {
-        "compiled": getattr(language_model, "compiled", False),
-        "do_not_compile": language_model.do_not_compile,
+        "spans": [(span.start, len(span.layers)) for span in spans],
+        "compiled": [
+            not span.do_not_compile
+            and (span.compiled or getattr(span, "aot_compiled_fn", None) is not None)
+            for span in spans
+        ],
         "dynamo_graphs": counters["stats"]["unique_graphs"],
         **model.vtw_forward_counts,
     }
 
 
 def test_compiled_path_is_taken(vtw_llava):
-    """Steps without a withdrawal run vLLM's compiled language model; steps with one run
-    the withdrawal loop; both happen in one engine that is not eager."""
+    """Every step runs vLLM-compiled layer spans, one per KV layer group: steps with a
+    withdrawal on fewer rows after the gather, steps without one back to back; new row
+    counts do not recompile. The engine is not eager."""
     assert vtw_llava.llm_engine.vllm_config.model_config.enforce_eager is False
     (before,) = vtw_llava.apply_model(_compile_state)
     _generate(vtw_llava, [0, 3], [2, 2])  # image prefill withdraws; text + decode do not
     (after,) = vtw_llava.apply_model(_compile_state)
-    assert before["compiled"] and not before["do_not_compile"], before
-    assert before["dynamo_graphs"] > 0, before
+    assert before["spans"] == [(i, 1) for i in range(NUM_LAYERS)], before  # group size 1
+    assert all(before["compiled"]), before
+    assert after["dynamo_graphs"] == before["dynamo_graphs"] > 0, (before, after)
     assert after["withdrawal"] > before["withdrawal"]
-    assert after["stock"] >= before["stock"] + MAX_TOKENS - 1  # every decode step
+    assert after["full"] >= before["full"] + MAX_TOKENS - 1  # every decode step
 
 
 def test_bad_k_past_the_front_end_fails_that_request_alone(vtw_llava):

@@ -8,10 +8,12 @@ deeper layers run on the rest with their ORIGINAL positions (the paper's "Keep" 
 The rows that leave the last layer are scattered back so the runner's logits indexing of
 the original flat batch is unchanged.
 
-A step with nothing to withdraw (every decode step, text-only prefill) is the stock
-forward: vLLM's compiled language model, in CUDA graphs where the engine uses them. A
-step that withdraws rows runs the layer loop below eagerly (the runner dispatches it
-without CUDA graphs); see the README's feature table.
+Every step runs the decoder layers as compiled spans, one per KV layer group
+(:mod:`vtw_vllm.models.layer_spans`), with the row gather between spans; a step with
+nothing to withdraw (every decode step, text-only prefill) runs the spans back to back,
+in their piecewise CUDA graphs on a GPU. A step that withdraws rows runs the same
+compiled spans without CUDA graphs (the runner dispatches it so); see the README's
+feature table.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from vllm.v1.kv_cache_interface import replace_as
 from vtw_vllm.config import VTWConfig
 from vtw_vllm.kernels.gather_rows import gather_rows_auto
 from vtw_vllm.kv_cache import VTWAttentionSpec
+from vtw_vllm.models.layer_spans import make_layer_spans
 from vtw_vllm.step_plan import FORWARD_CONTEXT_KEY, ModelPlan
 
 
@@ -55,37 +58,49 @@ class VTWModelMixin:
         for idx, layer in enumerate(text_model.layers):
             layer.self_attn.attn.__class__ = VTWAttention
             layer.self_attn.attn.vtw_first_layer = self.vtw_config.group_start(idx)
+        # Not registered as submodules: the layers' weights stay where vLLM loads them.
+        self._vtw_spans = make_layer_spans(
+            vllm_config, text_model.layers, self.vtw_config.group_starts, prefix or "model"
+        )
+        self._vtw_span_starts = {span.start for span in self._vtw_spans}
+        # On CUDA, vLLM hands back the output of a compiled unit's last CUDA graph as a
+        # weak reference; the next span's graphs may reuse that memory (as Gemma3n notes).
+        self._vtw_clone_between_spans = vllm_config.device_config.device_type == "cuda"
         # Forward calls by path, read by the tests (LLM.apply_model) to prove which ran.
-        self.vtw_forward_counts = {"stock": 0, "withdrawal": 0}
+        self.vtw_forward_counts = {"full": 0, "withdrawal": 0}
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kw):
         plan = None
         if is_forward_context_available():
             plan = get_forward_context().additional_kwargs.get(FORWARD_CONTEXT_KEY)
-        if plan is None:
-            self.vtw_forward_counts["stock"] += 1
-            return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kw)
         if inputs_embeds is None:
             inputs_embeds = self.language_model.model.embed_input_ids(input_ids)
-        self.vtw_forward_counts["withdrawal"] += 1
-        return self._forward_with_withdrawal(inputs_embeds, positions, plan)
+        self.vtw_forward_counts["full" if plan is None else "withdrawal"] += 1
+        return self._forward_spans(inputs_embeds, positions, plan)
 
-    def _forward_with_withdrawal(
-        self, hidden: torch.Tensor, positions: torch.Tensor, plan: ModelPlan
+    def _forward_spans(
+        self, hidden: torch.Tensor, positions: torch.Tensor, plan: ModelPlan | None
     ) -> torch.Tensor:
         text_model = self.language_model.model
         num_tokens = hidden.shape[0]
         residual = None
-        withdrawals = dict(plan.withdrawals)
-        for idx, layer in enumerate(text_model.layers):
-            keep_index = withdrawals.get(idx)
+        withdrawals = dict(plan.withdrawals) if plan is not None else {}
+        if not withdrawals.keys() <= self._vtw_span_starts:
+            raise RuntimeError(f"withdrawal at layers {sorted(withdrawals)}: not all span starts")
+        last = len(self._vtw_spans) - 1
+        for i, span in enumerate(self._vtw_spans):
+            keep_index = withdrawals.get(span.start)
             if keep_index is not None:
                 hidden, residual, positions = gather_rows_auto(
                     hidden, residual, positions, keep_index
                 )
-            if hidden.shape[0] == 0:  # e.g. a prefill chunk holding only vision tokens
-                break
-            hidden, residual = layer(positions, hidden, residual)
+                if hidden.shape[0] == 0:  # e.g. a prefill chunk holding only vision tokens
+                    break
+            hidden, residual = span(positions, hidden, residual)
+            if self._vtw_clone_between_spans and i < last:
+                hidden, residual = hidden.clone(), residual.clone()
+        if plan is None:
+            return text_model.norm(hidden, residual)[0]
         out = hidden.new_zeros((num_tokens, hidden.shape[-1]))
         if hidden.shape[0]:
             hidden, _ = text_model.norm(hidden, residual)

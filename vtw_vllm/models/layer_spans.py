@@ -1,0 +1,78 @@
+"""Decoder-layer spans compiled one by one, so steps that withdraw rows are compiled too.
+
+vLLM compiles a LLaVA language model as one graph over one row count. VTW changes the row
+count at a request's K, and K is always the first layer of a KV cache group; so the
+decoder layers are split at the group boundaries into spans, each compiled by vLLM as a
+unit of its own (``@support_torch_compile``, its own model tag), and the row gather runs
+between two spans. vLLM's precedent is Gemma3n's ``kv_sharing_fast_prefill``: a self- and
+a cross-decoder compiled separately, the second on fewer rows.
+
+Every step runs through the spans. A step without withdrawal runs them back to back (on
+CUDA each span replays its piecewise CUDA graphs); a step that withdraws rows runs the
+same compiled code on fewer rows after each gather, without CUDA graphs (the runner
+dispatches it so).
+
+Each span is its own class: vLLM keys its AOT compile cache by the qualified name of the
+compiled ``forward``, so spans sharing one class would load each other's artifacts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from vllm.compilation.decorators import support_torch_compile
+
+# Every input of a span has the step's row count as dim 0 (one symbol, "rows").
+_DYNAMIC_DIMS = {"positions": {0: "rows"}, "hidden_states": {0: "rows"}, "residual": {0: "rows"}}
+
+
+class _LayerSpanBase(nn.Module):
+    """Decoder layers [start, end); holds them without registering them again (their
+    weights stay under the language model)."""
+
+    def __init__(self, *, vllm_config, prefix: str = "", layers: Sequence[nn.Module], start: int):
+        super().__init__()
+        self.layers = tuple(layers)
+        self.start = start
+
+
+def _span_class(start: int, end: int) -> type[_LayerSpanBase]:
+    name = f"VTWLayers{start}To{end}"
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden_states: torch.Tensor,
+        residual: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        for layer in self.layers:
+            hidden_states, residual = layer(positions, hidden_states, residual)
+        return hidden_states, residual
+
+    forward.__qualname__ = f"{name}.forward"
+    cls = type(name, (_LayerSpanBase,), {"forward": forward, "__qualname__": name})
+    return support_torch_compile(dynamic_arg_dims=_DYNAMIC_DIMS)(cls)
+
+
+def make_layer_spans(
+    vllm_config, layers: Sequence[nn.Module], starts: Sequence[int], prefix: str
+) -> list[_LayerSpanBase]:
+    """One compiled span per KV layer group; ``starts`` are the groups' first layers."""
+    from vllm.compilation.backends import set_model_tag
+
+    bounds = [*starts, len(layers)]
+    spans = []
+    for start, end in zip(bounds, bounds[1:], strict=False):
+        tag = f"vtw_layers_{start}_{end}"
+        with set_model_tag(tag):
+            spans.append(
+                _span_class(start, end)(
+                    vllm_config=vllm_config,
+                    prefix=f"{prefix}.{tag}",
+                    layers=list(layers[start:end]),
+                    start=start,
+                )
+            )
+    return spans
