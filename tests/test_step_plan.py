@@ -3,12 +3,17 @@
 import numpy as np
 import pytest
 
-from vtw_vllm.step_plan import plan_step
+from vtw_vllm.step_plan import BatchVision, plan_step
+from vtw_vllm.vision_ranges import RequestVision
+
+
+def _batch(ks, ranges) -> BatchVision:
+    return BatchVision.of([RequestVision(k, r) for k, r in zip(ks, ranges, strict=True)])
 
 
 def test_docstring_example():
     # A: 2 text, 3 vision (positions 2-4), 1 text, K=4; B: 2 text tokens, no image.
-    plan = plan_step([6, 2], [0, 0], [4, 8], [((2, 5),), ()], [0, 4])
+    plan = plan_step([6, 2], [0, 0], _batch([4, 8], [((2, 5),), ()]), [0, 4])
     assert [w.layer for w in plan.withdrawals] == [4]
     assert plan.withdrawals[0].keep_index.tolist() == [0, 1, 5, 6, 7]
     assert plan.out_index.tolist() == [0, 1, 5, 6, 7]
@@ -21,7 +26,8 @@ def test_docstring_example():
 
 
 def test_nothing_to_withdraw_is_stock():
-    assert plan_step([5, 3], [0, 0], [8, 2], [((1, 3),), ()], [0, 4]) is None  # K=N; no image
+    # K=N; no image
+    assert plan_step([5, 3], [0, 0], _batch([8, 2], [((1, 3),), ()]), [0, 4]) is None
 
 
 def _simulate(num_scheduled, num_computed, ks, ranges, group_starts):
@@ -68,7 +74,7 @@ def test_random_batches_match_simulation(seed):
         c = int(rng.integers(0, length))
         num_computed.append(c)
         num_scheduled.append(int(rng.integers(1, length - c + 2)))
-    plan = plan_step(num_scheduled, num_computed, ks, ranges, group_starts)
+    plan = plan_step(num_scheduled, num_computed, _batch(ks, ranges), group_starts)
     rows, expected = _simulate(num_scheduled, num_computed, ks, ranges, group_starts)
     if plan is None:
         assert all(e[0] == list(range(len(rows))) for e in expected.values())
@@ -94,7 +100,9 @@ def test_random_batches_match_simulation(seed):
 def test_decode_step_compacts_without_vision_rows():
     # Decode: one token each, past the images (the bulk path). A: K=2, image at 1-4,
     # position 9; B: K=8, image at 0-2, position 5; C: no image, position 3.
-    plan = plan_step([1, 1, 1], [9, 5, 3], [2, 8, 2], [((1, 5),), ((0, 3),), ()], [0, 2, 4, 6])
+    plan = plan_step(
+        [1, 1, 1], [9, 5, 3], _batch([2, 8, 2], [((1, 5),), ((0, 3),), ()]), [0, 2, 4, 6]
+    )
     assert plan.withdrawals == []  # nothing is withdrawn in a decode step ...
     g = plan.groups[2]  # ... but A's deep groups index its compacted KV
     assert g.logical_positions.tolist() == [9 - 4, 5, 3]
@@ -138,3 +146,12 @@ def test_vision_ranges_keep_non_embed_positions_as_text():
     assert vision_ranges([_feature("image", 10, 6, mask)]) == ((10, 12), (13, 15))
     none = torch.zeros(4, dtype=torch.bool)
     assert vision_ranges([_feature("image", 0, 4, none)]) == ()
+
+
+def test_request_vision_kept_matches_kept_tokens():
+    from vtw_vllm.vision_ranges import kept_tokens
+
+    for ranges in [(), ((3, 33),), ((3, 33), (40, 825), (825, 830))]:
+        info = RequestVision(4, ranges)
+        assert [info.kept(n) for n in range(900)] == [kept_tokens(ranges, n) for n in range(900)]
+        assert info.withdrawn_below(4) == bool(ranges) and not info.withdrawn_below(3)

@@ -64,7 +64,7 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 from vllm.v1.request import Request
 
-from vtw_vllm.vision_ranges import Ranges, kept_tokens, vision_tokens_below
+from vtw_vllm.vision_ranges import Ranges, RequestVision, vision_tokens_below
 
 KEY_VERSION = b"vtw1"
 
@@ -94,7 +94,7 @@ class VTWAttentionSpec(FullAttentionSpec):
 class VTWRequestInfo(Protocol):
     """What the scheduler tells the managers: a request's (K, vision ranges)."""
 
-    def vtw_request_info(self, request_id: str) -> tuple[int, Ranges]: ...
+    def vtw_request_info(self, request_id: str) -> RequestVision: ...
 
 
 def _boundary(ranges: Ranges, n: int, block_size: int) -> tuple[int, int, int]:
@@ -121,20 +121,19 @@ class VTWManager(FullAttentionManager):
 
     # -- token counts ------------------------------------------------------------------
 
-    def _info(self, request_id: str) -> tuple[int, Ranges]:
+    def _info(self, request_id: str) -> RequestVision:
         if self.counter is None:
             raise RuntimeError("VTWAttentionSpec layers need the VTW scheduler (--scheduler-cls)")
         return self.counter.vtw_request_info(request_id)
 
     def is_compacted(self, request_id: str) -> bool:
-        k, ranges = self._info(request_id)
-        return bool(ranges) and self.kv_cache_spec.first_layer >= k
+        return self._info(request_id).withdrawn_below(self.kv_cache_spec.first_layer)
 
     def _kept(self, request_id: str, num_tokens: int) -> int:
-        k, ranges = self._info(request_id)
-        if self.kv_cache_spec.first_layer < k:
+        info = self._info(request_id)
+        if self.kv_cache_spec.first_layer < info.k:
             return num_tokens
-        return kept_tokens(ranges, num_tokens)
+        return info.kept(num_tokens)
 
     def get_num_blocks_to_allocate(
         self,
@@ -221,7 +220,8 @@ class VTWManager(FullAttentionManager):
                 self.cache_hit_alignment_tokens,
             )
             return blocks[0], length
-        k, ranges = self._info(request.request_id)
+        info = self._info(request.request_id)
+        k, ranges = info.k, info.ranges
         hashes, size = self._hashes(request), self.block_size
         full: list = []
         best: tuple[int, int, object] = (0, 0, None)  # (length, full blocks, partial block)
@@ -268,7 +268,8 @@ class VTWManager(FullAttentionManager):
         computed = request.num_computed_tokens - request.num_in_flight_tokens
         if num_tokens is not None:
             computed = min(computed, num_tokens)
-        k, ranges = self._info(rid)
+        info = self._info(rid)
+        k, ranges = info.k, info.ranges
         hashes, size = self._hashes(request), self.block_size
         start = self._vtw_next_boundary.get(rid, 1)
         end = min(computed // size, len(hashes))

@@ -31,8 +31,15 @@ from vllm.v1.worker.utils import AttentionGroup
 
 from vtw_vllm.config import VTWConfig
 from vtw_vllm.engine_config import SUPPORTED_ATTENTION_BACKENDS
-from vtw_vllm.step_plan import FORWARD_CONTEXT_KEY, GroupLayout, ModelPlan, StepPlan, plan_step
-from vtw_vllm.vision_ranges import Ranges, request_vtw_info
+from vtw_vllm.step_plan import (
+    FORWARD_CONTEXT_KEY,
+    BatchVision,
+    GroupLayout,
+    ModelPlan,
+    StepPlan,
+    plan_step,
+)
+from vtw_vllm.vision_ranges import RequestVision, request_vtw_info
 
 
 class VTWAttentionGroup(AttentionGroup):
@@ -60,10 +67,9 @@ class VTWModelRunnerMixin:
     def initialize_attn_backend(self, *args, **kwargs) -> None:
         super().initialize_attn_backend(*args, **kwargs)
         self.vtw_config = VTWConfig.from_hf_config(self.model_config.hf_config)
-        self._vtw_requests: dict[str, tuple[int, Ranges]] = {}
+        self._vtw_requests: dict[str, RequestVision] = {}
         self._vtw_batch_key: tuple[str, ...] | None = None
-        self._vtw_batch_k = np.zeros(0, dtype=np.int64)
-        self._vtw_batch_ranges: list[Ranges] = []
+        self._vtw_batch = BatchVision.of([])
         # KV group id -> first decoder layer of the group (every VTW layer reports one).
         self._vtw_group_start = {
             gid: group.kv_cache_spec.first_layer
@@ -122,9 +128,9 @@ class VTWModelRunnerMixin:
 
     # -- per step ----------------------------------------------------------------------
 
-    def _vtw_batch_arrays(self, num_reqs: int) -> tuple[np.ndarray, list[Ranges]]:
-        """Per-request K and vision ranges of the persistent batch, rebuilt only when its
-        requests (or their order) change."""
+    def _vtw_batch_vision(self, num_reqs: int) -> BatchVision:
+        """The persistent batch's K and vision arrays, rebuilt only when its requests (or
+        their order) change."""
         key = tuple(self.input_batch.req_ids[:num_reqs])
         if key != self._vtw_batch_key:
             infos = []
@@ -137,22 +143,19 @@ class VTWModelRunnerMixin:
                     )
                     self._vtw_requests[req_id] = info
                 infos.append(info)
-            self._vtw_batch_k = np.array([k for k, _ in infos], dtype=np.int64)
-            self._vtw_batch_ranges = [ranges for _, ranges in infos]
+            self._vtw_batch = BatchVision.of(infos)
             self._vtw_batch_key = key
-        return self._vtw_batch_k, self._vtw_batch_ranges
+        return self._vtw_batch
 
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens: np.ndarray, *a, **kw):
         out = super()._prepare_inputs(scheduler_output, num_scheduled_tokens, *a, **kw)
         for req_id in scheduler_output.finished_req_ids:
             self._vtw_requests.pop(req_id, None)
         num_reqs = self.input_batch.num_reqs
-        request_k, request_ranges = self._vtw_batch_arrays(num_reqs)
         plan = plan_step(
             num_scheduled_tokens[:num_reqs],
             self.input_batch.num_computed_tokens_cpu[:num_reqs],
-            request_k,
-            request_ranges,
+            self._vtw_batch_vision(num_reqs),
             self._vtw_starts,
         )
         self._vtw_plan = plan

@@ -21,7 +21,7 @@ from vllm.v1.request import Request
 
 from vtw_vllm.config import VTWConfig
 from vtw_vllm.kv_cache import VTWManager
-from vtw_vllm.vision_ranges import Ranges, request_vtw_info
+from vtw_vllm.vision_ranges import RequestVision, request_vtw_info
 
 
 class VTWSchedulerMixin:
@@ -30,13 +30,13 @@ class VTWSchedulerMixin:
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.vtw_config = VTWConfig.from_hf_config(self.vllm_config.model_config.hf_config)
-        self._vtw_requests: dict[str, tuple[int, Ranges]] = {}
+        self._vtw_requests: dict[str, RequestVision] = {}
         for manager in self.kv_cache_manager.coordinator.single_type_managers:
             if isinstance(manager, VTWManager):
                 manager.counter = self
 
-    def vtw_request_info(self, request_id: str) -> tuple[int, Ranges]:
-        """(K, vision ranges) of a request, computed once."""
+    def vtw_request_info(self, request_id: str) -> RequestVision:
+        """K and vision ranges of a request, computed once."""
         info = self._vtw_requests.get(request_id)
         if info is None:
             request = self.requests[request_id]

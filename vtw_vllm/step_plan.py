@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vtw_vllm.vision_ranges import Ranges, vision_tokens_below
+from vtw_vllm.vision_ranges import RequestVision, vision_tokens_below
 
 # The model runner hands a step's ModelPlan to the model through this forward-context key.
 FORWARD_CONTEXT_KEY = "vtw_plan"
@@ -59,6 +59,29 @@ class GroupLayout:
 
 
 @dataclass(frozen=True)
+class BatchVision:
+    """The persistent batch's requests as arrays, built when its requests change (not
+    every step)."""
+
+    requests: tuple[RequestVision, ...]
+    k: np.ndarray  # int64 [R]
+    total: np.ndarray  # int64 [R], vision tokens per request
+    end: np.ndarray  # int64 [R], one past each request's last vision position
+    has_vision: np.ndarray  # bool [R]
+
+    @classmethod
+    def of(cls, requests: Sequence[RequestVision]) -> BatchVision:
+        total = np.array([r.total for r in requests], dtype=np.int64)
+        return cls(
+            requests=tuple(requests),
+            k=np.array([r.k for r in requests], dtype=np.int64),
+            total=total,
+            end=np.array([r.end for r in requests], dtype=np.int64),
+            has_vision=total > 0,
+        )
+
+
+@dataclass(frozen=True)
 class StepPlan:
     num_tokens: int
     withdrawals: list[Withdrawal]
@@ -69,16 +92,14 @@ class StepPlan:
 def plan_step(
     num_scheduled: np.ndarray,
     num_computed: np.ndarray,
-    request_k: np.ndarray,
-    request_ranges: Sequence[Ranges],
+    batch: BatchVision,
     group_starts: Sequence[int],
 ) -> StepPlan | None:
     """Plan one step; None when no request in it withdraws anything (stock path)."""
     num_scheduled = np.asarray(num_scheduled, dtype=np.int64)
     num_computed = np.asarray(num_computed, dtype=np.int64)
-    request_k = np.asarray(request_k, dtype=np.int64)
-    has_vision = np.array([bool(r) for r in request_ranges], dtype=bool)
-    if not np.any(has_vision & (request_k <= max(group_starts))):
+    request_k, has_vision = batch.k, batch.has_vision
+    if not np.any(has_vision & (request_k <= group_starts[-1])):
         return None
 
     num_reqs = len(num_scheduled)
@@ -91,21 +112,22 @@ def plan_step(
     # Decode steps (and late prefill chunks) schedule only tokens past the request's last
     # image: none is vision and all of the request's vision tokens lie before them. Those
     # requests are handled in bulk; only requests whose step reaches into an image loop.
-    vision_count = np.array([sum(b - a for a, b in r) for r in request_ranges], dtype=np.int64)
-    last_end = np.array([r[-1][1] if r else 0 for r in request_ranges], dtype=np.int64)
+    vision_count, last_end = batch.total, batch.end
     is_vision = np.zeros(num_tokens, dtype=bool)
     vision_before = vision_count[req_idx]  # vision positions < pos, same request
     vision_total = vision_count.copy()  # vision positions < seq_len
     for r in np.flatnonzero(has_vision & (num_computed < last_end)):
         vision_before[starts[r] : ends[r]] = 0
         p = pos[starts[r] : ends[r]]
-        for a, b in request_ranges[r]:
+        for a, b in batch.requests[r].ranges:
             is_vision[starts[r] : ends[r]] |= (p >= a) & (p < b)
             vision_before[starts[r] : ends[r]] += np.clip(p - a, 0, b - a)
-        vision_total[r] = vision_tokens_below(request_ranges[r], num_computed[r] + num_scheduled[r])
+        vision_total[r] = vision_tokens_below(
+            batch.requests[r].ranges, num_computed[r] + num_scheduled[r]
+        )
 
     token_k = request_k[req_idx]
-    withdrawn = is_vision & (token_k <= max(group_starts))  # K = N withdraws nothing
+    withdrawn = is_vision & (token_k <= group_starts[-1])  # K = N withdraws nothing
     leaves_at = np.where(withdrawn, token_k, np.iinfo(np.int64).max)
     withdrawals, alive = [], np.arange(num_tokens)
     for k in np.unique(leaves_at[withdrawn]):

@@ -19,6 +19,7 @@ never withdrawn.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 Ranges = tuple[tuple[int, int], ...]  # sorted, disjoint [start, end) position ranges
@@ -65,11 +66,33 @@ def kept_tokens(ranges: Sequence[tuple[int, int]], n: int) -> int:
     return n - vision_tokens_below(ranges, n)
 
 
-def request_vtw_info(vtw_config: Any, sampling_params: Any, mm_features: Any) -> tuple[int, Ranges]:
-    """(K, vision ranges) of one request, from its sampling params and multimodal features.
+@dataclass(frozen=True, slots=True)
+class RequestVision:
+    """One request's K and vision ranges, with the totals every step asks for."""
+
+    k: int
+    ranges: Ranges
+    total: int = field(init=False)  # vision tokens in the request
+    end: int = field(init=False)  # one past its last vision position (0 without vision)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "total", sum(b - a for a, b in self.ranges))
+        object.__setattr__(self, "end", self.ranges[-1][1] if self.ranges else 0)
+
+    def kept(self, n: int) -> int:
+        """How many of the first n positions survive withdrawal (the text tokens)."""
+        return n - self.total if n >= self.end else kept_tokens(self.ranges, n)
+
+    def withdrawn_below(self, layer: int) -> bool:
+        """Whether layer ``layer`` no longer sees this request's vision tokens."""
+        return self.total > 0 and layer >= self.k
+
+
+def request_vtw_info(vtw_config: Any, sampling_params: Any, mm_features: Any) -> RequestVision:
+    """K and vision ranges of one request, from its sampling params and multimodal features.
 
     The scheduler (KV sizes) and the model runner (compaction) live in different
     processes and must agree exactly, so both call this one function.
     """
     extra_args = sampling_params.extra_args if sampling_params is not None else None
-    return vtw_config.resolve_k(extra_args), vision_ranges(mm_features)
+    return RequestVision(vtw_config.resolve_k(extra_args), vision_ranges(mm_features))
