@@ -72,6 +72,8 @@ def test_random_batches_match_simulation(seed):
         ranges.append(tuple(images))
         ks.append(int(rng.choice([2, 4, 6, num_layers])))
         c = int(rng.integers(0, length))
+        if seed % 4 == 0:  # every request past its images: the decode (bulk) path
+            c = max(c, images[-1][1] if images else 0)
         num_computed.append(c)
         num_scheduled.append(int(rng.integers(1, length - c + 2)))
     plan = plan_step(num_scheduled, num_computed, _batch(ks, ranges), group_starts)

@@ -101,6 +101,8 @@ def plan_step(
     request_k, has_vision = batch.k, batch.has_vision
     if not np.any(has_vision & (request_k <= group_starts[-1])):
         return None
+    if not np.any(has_vision & (num_computed < batch.end)):
+        return _plan_past_vision(num_scheduled, num_computed, batch, group_starts)
 
     num_reqs = len(num_scheduled)
     ends = np.cumsum(num_scheduled)
@@ -156,3 +158,41 @@ def plan_step(
             )
         groups[s] = by_compaction[key]
     return StepPlan(num_tokens=num_tokens, withdrawals=withdrawals, out_index=alive, groups=groups)
+
+
+def _plan_past_vision(
+    num_scheduled: np.ndarray,
+    num_computed: np.ndarray,
+    batch: BatchVision,
+    group_starts: Sequence[int],
+) -> StepPlan:
+    """The plan of a step in which every request's tokens lie past its vision tokens
+    (every decode step): nothing is withdrawn, every group sees every row, and a
+    compacted request's positions shift down by its vision total."""
+    ends = np.cumsum(num_scheduled)
+    num_tokens = int(ends[-1])
+    if num_tokens == len(num_scheduled):  # one token per request
+        req_idx, pos = np.arange(num_tokens), num_computed.copy()
+    else:
+        req_idx = np.repeat(np.arange(len(num_scheduled)), num_scheduled)
+        pos = num_computed[req_idx] + np.arange(num_tokens) - (ends - num_scheduled)[req_idx]
+    alive = np.arange(num_tokens)
+    query_start_loc = np.concatenate([[0], ends]).astype(np.int32)
+    groups: dict[int, GroupLayout] = {}
+    by_compaction: dict[bytes, GroupLayout] = {}
+    for s in group_starts:
+        compacted = batch.has_vision & (batch.k <= s)
+        if not compacted.any():
+            continue
+        key = compacted.tobytes()
+        if key not in by_compaction:
+            shift = np.where(compacted, batch.total, 0)
+            by_compaction[key] = GroupLayout(
+                alive_index=alive,
+                logical_positions=pos - shift[req_idx],
+                positions=pos,
+                query_start_loc=query_start_loc,
+                seq_lens=(num_computed + num_scheduled - shift).astype(np.int32),
+            )
+        groups[s] = by_compaction[key]
+    return StepPlan(num_tokens=num_tokens, withdrawals=[], out_index=alive, groups=groups)
