@@ -33,3 +33,20 @@ assert KVCacheSpecRegistry.get_manager_class(spec) is VTWManager
 def test_torchvision_imports():
     # vLLM's LLaVA module needs torchvision.transforms.v2 (see scripts/install.sh).
     subprocess.run([sys.executable, "-c", "import vllm.model_executor.models.llava"], check=True)
+
+
+def test_serving_path_imports_no_research_code():
+    # What vLLM imports to serve VTW (plugin hook, config hook, models, scheduler, worker,
+    # runner) must not pull in the trainer, the quality task, the fixtures or the tools.
+    code = """
+import sys
+from vllm.plugins import load_general_plugins
+load_general_plugins()
+import vtw_vllm.engine_config, vtw_vllm.models.llava_vtw, vtw_vllm.models.llava_video_vtw
+import vtw_vllm.scheduler, vtw_vllm.worker, vtw_vllm.runner, vtw_vllm.validation
+research = ("vtw_vllm.quality", "vtw_vllm.testing", "vtw_vllm.calibrate", "vtw_vllm.demo",
+            "vtw_vllm.cli", "vtw_vllm.prepare", "vtw_vllm.child_engine")
+loaded = sorted(m for m in sys.modules if m.startswith(research))
+assert not loaded, loaded
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
