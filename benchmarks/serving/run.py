@@ -48,9 +48,6 @@ are meaningless, the cost is not.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import base64
-import io
 import json
 import os
 import platform
@@ -65,9 +62,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from vtw_vllm.child_engine import held_blocks, in_process_engine_core, run_child, scheduler
+
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "benchmarks" / "results"
-MARKER = "SERVING_BENCH_JSON "
 PROMPT = "USER: <image>\nWhat is in the picture? Describe it. ASSISTANT:"
 PARTS = ("defaults", "groups", "eager", "online")
 # Engines, in the order they run, and the parts that need them.
@@ -202,7 +200,7 @@ def _stats(values: list[float]) -> dict[str, float]:
 def engine_settings(llm: Any) -> dict[str, Any]:
     """What the engine actually runs with (after vLLM's and the plugin's config hooks)."""
     config = llm.llm_engine.vllm_config
-    sched = llm.llm_engine.engine_core.engine_core.scheduler
+    sched = scheduler(llm)
     compilation = config.compilation_config
     return {
         "enable_prefix_caching": bool(config.cache_config.enable_prefix_caching),
@@ -221,7 +219,7 @@ def engine_settings(llm: Any) -> dict[str, Any]:
 
 def offline(kind: str, spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """One engine (child process): every measurement for every K it serves."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the scheduler lives in this process
+    in_process_engine_core()  # the scheduler lives in this process
     from vllm import LLM, SamplingParams
 
     eager = {"enforce_eager": True, "enable_prefix_caching": False} if spec["eager"] else {}
@@ -235,8 +233,7 @@ def offline(kind: str, spec: dict[str, Any], args: argparse.Namespace) -> dict[s
         **eager,
     )
     engine = llm.llm_engine
-    sched = engine.engine_core.engine_core.scheduler
-    managers = sched.kv_cache_manager.coordinator.single_type_managers
+    sched = scheduler(llm)
     layers_per_group = [len(g.layer_names) for g in sched.kv_cache_config.kv_cache_groups]
     images = FreshImages(kind)
 
@@ -292,7 +289,7 @@ def offline(kind: str, spec: dict[str, Any], args: argparse.Namespace) -> dict[s
             engine.step()
             for rid, request in sched.requests.items():
                 if request.num_output_tokens >= 1 and not held:
-                    held = [len(m.req_to_blocks[rid]) for m in managers]
+                    held = held_blocks(sched, rid)
         return held
 
     ks = spec["ks"]
@@ -301,6 +298,7 @@ def offline(kind: str, spec: dict[str, Any], args: argparse.Namespace) -> dict[s
     runs: dict[str, list[dict[str, Any]]] = {str(k): [] for k in ks}
     for _ in range(args.repeats):  # alternate the Ks so drift hits them alike
         for k in ks:
+            _wait_turn()
             run = run_batch(k, 1 + args.decode_tokens, prompts(args.batch))
             # The prefill/decode split means something only if the whole batch runs at
             # once (else "decode" times a second wave): the KV budget must hold it.
@@ -320,6 +318,7 @@ def offline(kind: str, spec: dict[str, Any], args: argparse.Namespace) -> dict[s
             "cached_tokens": sum(r["cached_tokens"] for r in rs),
         }
         if spec["kv_bound"]:  # many requests at once, a budget that holds only a few stock ones
+            _wait_turn()
             bound = run_batch(k, args.kv_bound_tokens, prompts(args.kv_bound_requests))
             blocks = kv_blocks(k)
             entry |= {
@@ -352,77 +351,99 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _data_url(image: Any) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+VLLM_CLI = [sys.executable, "-m", "vllm.entrypoints.cli.main"]  # = the ``vllm`` command
 
 
-async def _load(
-    base: str, model: str, urls: list[str], k: int | None, args: argparse.Namespace
-) -> dict[str, float]:
-    """A bounded loopback load: one streaming chat per URL, ``concurrency`` at once."""
+def serve_args(kind: str, spec: dict[str, Any], port: int, args: argparse.Namespace) -> list[str]:
+    """``vllm serve`` at vLLM's defaults: the checkpoint and engine settings of ``offline``."""
+    return [
+        "serve", str(bench_checkpoint(kind)), "--host", "127.0.0.1", "--port", str(port),
+        "--dtype", "float32", "--hf-overrides", json.dumps(_overrides(kind, spec)),
+        "--max-model-len", "4096", "--kv-cache-memory-bytes", str(args.kv_mib * 2**20),
+        "--seed", "0",
+    ]  # fmt: skip
+
+
+def bench_args(
+    kind: str, port: int, k: int | None, seed: int, n: int, result: Path, args: argparse.Namespace
+) -> list[str]:
+    """``vllm bench serve``: streaming chat completions, one random-pixel image each
+    (random-mm draws every image from ``--seed``: a new seed per round, so no two requests
+    to a server share an image), ``n`` requests, ``--max-concurrency`` at once."""
+    height, width = (336, 336) if kind == "llava" else (336, 448)  # as FreshImages
+    cmd = [
+        "bench", "serve", "--backend", "openai-chat", "--endpoint", "/v1/chat/completions",
+        "--host", "127.0.0.1", "--port", str(port), "--model", str(bench_checkpoint(kind)),
+        "--dataset-name", "random-mm", "--num-prompts", str(n), "--seed", str(seed),
+        "--random-input-len", str(args.online_text_tokens),
+        "--random-output-len", str(args.online_tokens),
+        "--random-mm-base-items-per-request", "1",
+        "--random-mm-limit-mm-per-prompt", '{"image": 1, "video": 0}',
+        "--random-mm-bucket-config", f"{{({height}, {width}, 1): 1.0}}",
+        "--max-concurrency", str(args.concurrency), "--temperature", "0", "--ignore-eos",
+        "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
+        "--save-result", "--result-dir", str(result.parent), "--result-filename", result.name,
+        "--disable-tqdm",
+    ]  # fmt: skip
+    if k is not None:
+        cmd += ["--extra-body", json.dumps({"vllm_xargs": {"vtw_k": k}})]
+    return cmd
+
+
+def _prefix_cache_hits(base: str) -> float:
+    """vLLM's counter of prompt tokens served from the prefix cache (all requests so far)."""
     import httpx
 
-    sem = asyncio.Semaphore(args.concurrency)
-    ttft: list[float] = []
-    e2e: list[float] = []
+    for line in httpx.get(f"{base}/metrics", timeout=10).text.splitlines():
+        if line.startswith("vllm:prefix_cache_hits_total"):
+            return float(line.rsplit(" ", 1)[1])
+    raise RuntimeError("vllm:prefix_cache_hits_total missing from /metrics")
 
-    async def one(client: httpx.AsyncClient, url: str) -> None:
-        content = [
-            {"type": "image_url", "image_url": {"url": url}},
-            {"type": "text", "text": "What is in the picture? Describe it."},
-        ]
-        body: dict[str, Any] = {
-            "model": model,
-            "messages": [{"role": "user", "content": content}],
-            "max_tokens": args.online_tokens,
-            "temperature": 0.0,
-            "ignore_eos": True,
-            "stream": True,
-        }
-        if k is not None:
-            body["vllm_xargs"] = {"vtw_k": k}
-        async with sem:
-            start = time.perf_counter()
-            first = None
-            async with client.stream("POST", f"{base}/v1/chat/completions", json=body) as resp:
-                resp.raise_for_status()
-                async for line in resp.aiter_lines():
-                    if first is None and line.startswith("data: ") and '"content"' in line:
-                        first = time.perf_counter() - start
-            e2e.append(time.perf_counter() - start)
-            ttft.append(first if first is not None else e2e[-1])
 
-    async with httpx.AsyncClient(timeout=600) as client:
-        start = time.perf_counter()
-        await asyncio.gather(*(one(client, url) for url in urls))
-        wall = time.perf_counter() - start
-    return {
-        "ttft_s": statistics.median(ttft),
-        "e2e_s": statistics.median(e2e),
-        "req_s": len(urls) / wall,
-    }
+def _bench(cmd: list[str], result: Path, log: Path, n: int) -> dict[str, Any]:
+    """One ``vllm bench serve`` run; its saved result, checked complete."""
+    with open(log, "a") as out:
+        proc = subprocess.run([*VLLM_CLI, *cmd], stdout=out, stderr=subprocess.STDOUT)
+    if proc.returncode or not result.is_file():
+        raise RuntimeError(f"vllm bench serve failed (exit {proc.returncode}); see {log}")
+    saved = json.loads(result.read_text())
+    if saved["completed"] != n or saved["failed"]:
+        raise RuntimeError(f"{saved['failed']} of {n} requests failed; see {log}")
+    return saved
+
+
+# (vllm bench serve's key, our name, scale to seconds / per second)
+ONLINE_METRICS = (
+    ("median_ttft_ms", "ttft_s", 1e-3),
+    ("median_tpot_ms", "tpot_s", 1e-3),
+    ("median_itl_ms", "itl_s", 1e-3),
+    ("median_e2el_ms", "e2e_s", 1e-3),
+    ("request_throughput", "req_s", 1.0),
+    ("output_throughput", "output_tok_s", 1.0),
+    ("total_token_throughput", "total_tok_s", 1.0),
+)
 
 
 def online(kind: str, spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """A ``vllm serve`` child of this child at vLLM's defaults, under the loopback load;
-    every request carries a fresh image."""
+    """``vllm serve`` at vLLM's defaults under ``vllm bench serve`` (both subprocesses of
+    this one): a warm-up round per K, then ``repeats`` timed rounds per K, alternating."""
     import httpx
 
-    model = str(bench_checkpoint(kind))
+    name = "vtw" if spec["vtw"] else "stock"
     port = _free_port()
-    cmd = [
-        sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model,
-        "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-        "--hf-overrides", json.dumps(_overrides(kind, spec)), "--max-model-len", "4096",
-        "--kv-cache-memory-bytes", str(args.kv_mib * 2**20), "--seed", "0",
-    ]  # fmt: skip
-    log_path = Path(args.out) / f"serve-{kind}-{'vtw' if spec['vtw'] else 'stock'}.log"
+    out = Path(args.out) / "bench_serve"
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = Path(args.out) / f"serve-{kind}-{name}.log"
+    bench_log = Path(args.out) / f"bench-{kind}-{name}.log"
+    bench_log.write_text("")
+    serve = serve_args(kind, spec, port, args)
     log = open(log_path, "w")  # noqa: SIM115
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen([*VLLM_CLI, *serve], stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
-    images = FreshImages(kind)
+    ks = spec["ks"]
+    rounds: dict[str, list[dict[str, Any]]] = {str(k): [] for k in ks}
+    commands: dict[str, str] = {}
+    seed = 0  # the same seeds, so the same requests, for stock and VTW
     try:
         deadline = time.time() + 600
         while True:
@@ -436,14 +457,21 @@ def online(kind: str, spec: dict[str, Any], args: argparse.Namespace) -> dict[st
             if time.time() > deadline:
                 raise RuntimeError("vllm serve did not start in 10 minutes")
             time.sleep(2)
-        ks = spec["ks"]
-        for k in ks:  # warm-up
-            asyncio.run(_load(base, model, [_data_url(im) for im in images.take(2)], k, args))
-        rounds: dict[str, list[dict[str, float]]] = {str(k): [] for k in ks}
-        for _ in range(args.repeats):
+        for rep in range(-1, args.repeats):  # -1: warm-up (each K's path at these shapes)
             for k in ks:
-                urls = [_data_url(im) for im in images.take(args.online_requests)]
-                rounds[str(k)].append(asyncio.run(_load(base, model, urls, k, args)))
+                seed += 1
+                n = args.concurrency if rep < 0 else args.online_requests
+                tag = "warmup" if rep < 0 else f"r{rep}"
+                result = out / f"{kind}-{name}-k{k}-{tag}.json"
+                result.unlink(missing_ok=True)
+                cmd = bench_args(kind, port, k, seed, n, result, args)
+                hits = _prefix_cache_hits(base)
+                saved = _bench(cmd, result, bench_log, n)
+                saved["cached_tokens"] = _prefix_cache_hits(base) - hits
+                saved["seed"] = seed
+                if rep >= 0:
+                    rounds[str(k)].append(saved)
+                    commands.setdefault(str(k), shlex.join(["vllm", *cmd]))
     finally:
         server.terminate()
         server.wait(timeout=60)
@@ -453,28 +481,40 @@ def online(kind: str, spec: dict[str, Any], args: argparse.Namespace) -> dict[st
         key: (match.group(1) if (match := re.search(rf"\b{key}=(\w+)", text)) else "?")
         for key in ("enable_prefix_caching", "enforce_eager")
     }
+    per_k: dict[str, dict[str, Any]] = {}
+    for k, rs in rounds.items():
+        per_k[k] = {
+            ours: _stats([r[key] * scale for r in rs]) for key, ours, scale in ONLINE_METRICS
+        }
+        per_k[k]["cached_tokens"] = sum(r["cached_tokens"] for r in rs)
+        per_k[k]["prompt_tokens_per_request"] = rs[0]["total_input_tokens"] / rs[0]["completed"]
+        per_k[k]["seeds"] = [r["seed"] for r in rs]
     return {
         "engine": engine,
-        "per_k": {
-            k: {m: _stats([r[m] for r in rs]) for m in ("ttft_s", "e2e_s", "req_s")}
-            for k, rs in rounds.items()
-        },
+        "serve_command": shlex.join(["vllm", *serve]),
+        "bench_commands": commands,
+        "per_k": per_k,
     }
 
 
+def offline_child(kind: str, spec: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
+    """:func:`offline`, called in the child process with the parent's options."""
+    return offline(kind, spec, argparse.Namespace(**args))
+
+
 def _child(mode: str, kind: str, name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One engine's part: offline in a fresh process (``vtw_vllm.child_engine``), online
+    here (the server and the load generator are subprocesses already)."""
     spec = engine_spec(name, num_layers(kind), args.ks)
-    config = {"mode": mode, "kind": kind, "spec": spec, "args": vars(args) | {"out": str(args.out)}}
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(config)]
     print(f"[bench] {mode} {kind} {name} ...", flush=True)
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    for line in proc.stdout.splitlines():
-        if line.startswith(MARKER):
-            result = json.loads(line[len(MARKER) :])
-            result["child_seconds"] = time.perf_counter() - start
-            return result
-    raise RuntimeError(f"benchmark child failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    if mode == "online":
+        result = online(kind, spec, args)
+    else:
+        options = vars(args) | {"out": str(args.out)}
+        result = run_child(f"{Path(__file__).resolve()}:offline_child", kind, spec, options)
+    result["child_seconds"] = time.perf_counter() - start
+    return result
 
 
 def _cpu_name() -> str:
@@ -837,9 +877,10 @@ def main() -> None:
     for kind in args.models:
         bench_checkpoint(kind)
         results[kind] = {}
-        for name, needed_by in ENGINE_PARTS.items():
-            if any(p in parts for p in needed_by):
-                results[kind][name] = _child("offline", kind, name, args)
+        names = [n for n, needed_by in ENGINE_PARTS.items() if any(p in parts for p in needed_by)]
+        at_defaults = [n for n in names if not engine_spec(n, 2, []).get("eager")]
+        results[kind] |= _interleaved(kind, at_defaults, args)
+        results[kind] |= _interleaved(kind, [n for n in names if n not in at_defaults], args)
         if "online" in parts:
             for name in ("stock", "vtw"):
                 results[kind][f"online_{name}"] = _child("online", kind, name, args)
