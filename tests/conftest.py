@@ -101,27 +101,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def vtw_server(tmp_path_factory):
-    """``vllm serve`` on loopback: the tiny LLaVA with VTW, default K=4, layer groups of
-    2 (allowed K 2, 4, 6, 8), a small KV budget. Yields base URL, model and log path."""
-    from vtw_vllm.testing import get_fixture
-
-    model_dir = str(get_fixture("llava"))
+@contextlib.contextmanager
+def served(model_dir: str, args: list[str], log_path) -> Iterator[str]:
+    """``vllm serve model_dir *args`` on a free loopback port until the block ends; yields
+    its base URL once /health answers (fails the test with the log's tail otherwise)."""
     port = _free_port()
-    overrides = {
-        "architectures": ["LlavaVTWForConditionalGeneration"],
-        "vtw_k": 4,
-        "vtw_layer_group_size": 2,
-    }
-    log_path = tmp_path_factory.mktemp("server") / "server.log"
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model_dir,
-        "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-        "--max-model-len", "2048", "--enforce-eager", "--max-logprobs", "-1",
-        "--kv-cache-memory-bytes", str(SERVER_KV_BYTES), "--max-num-seqs", "16",
-        "--limit-mm-per-prompt", json.dumps({"image": 2}),
-        "--hf-overrides", json.dumps(overrides),
+        "--host", "127.0.0.1", "--port", str(port), *args,
     ]  # fmt: skip
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -139,10 +126,33 @@ def vtw_server(tmp_path_factory):
             if time.monotonic() > deadline:
                 pytest.fail(f"vllm serve did not start:\n{log_path.read_text()[-3000:]}")
             time.sleep(2)
-        yield {"base": base, "model": model_dir, "log": log_path}
+        yield base
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="session")
+def vtw_server(tmp_path_factory):
+    """``vllm serve`` on loopback: the tiny LLaVA with VTW, default K=4, layer groups of
+    2 (allowed K 2, 4, 6, 8), a small KV budget. Yields base URL, model and log path."""
+    from vtw_vllm.testing import get_fixture
+
+    model_dir = str(get_fixture("llava"))
+    overrides = {
+        "architectures": ["LlavaVTWForConditionalGeneration"],
+        "vtw_k": 4,
+        "vtw_layer_group_size": 2,
+    }
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    args = [
+        "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
+        "--max-logprobs", "-1", "--kv-cache-memory-bytes", str(SERVER_KV_BYTES),
+        "--max-num-seqs", "16", "--limit-mm-per-prompt", json.dumps({"image": 2}),
+        "--hf-overrides", json.dumps(overrides),
+    ]  # fmt: skip
+    with served(model_dir, args, log_path) as base:
+        yield {"base": base, "model": model_dir, "log": log_path}
 
 
 def data_url(seed: int) -> str:

@@ -13,6 +13,7 @@ from .fixtures import (
     make_test_image,
     make_test_video,
 )
+from .video_files import decode_video, mp4_bytes, mp4_data_url
 
 __all__ = [
     "FIXTURE_VERSION",
@@ -22,8 +23,11 @@ __all__ = [
     "build_llava_next_video",
     "build_llava_onevision",
     "build_tokenizer",
+    "decode_video",
     "default_cache_dir",
     "get_fixture",
     "make_test_image",
     "make_test_video",
+    "mp4_bytes",
+    "mp4_data_url",
 ]

@@ -1,0 +1,116 @@
+"""``vllm serve`` with a VTW video model on loopback, at vLLM's defaults (compiled, prefix
+caching on; only the memory is sized): the tiny LLaVA-NeXT-Video with ``vtw_allowed_k``
+[2, 4] (K = 2, 4 and 8 = N), one server for the module. Chat completions carry an MP4 as
+a ``video_url`` data URL (decoded by vLLM's default OpenCV loader) and a per-request K in
+``vllm_xargs``; the tokens equal the transformers reference on the frames the MP4 decodes
+to. The model runs its layers as compiled spans (one per KV group), withdrawal steps too.
+"""
+
+import base64
+import json
+
+import httpx
+import pytest
+from conftest import metric, served
+
+from vtw_vllm.testing import decode_video, get_fixture, make_test_video, mp4_bytes
+from vtw_vllm.testing.reference import vtw_generate
+from vtw_vllm.testing.video_files import MP4_FPS
+
+pytestmark = pytest.mark.engine
+ALLOWED = [2, 4, 8]
+DEFAULT_K = 4
+QUESTION = "What happens in the video?"
+MAX_TOKENS = 5
+SPANS = ("vtw_layers_0_2", "vtw_layers_2_4", "vtw_layers_4_8")  # one per KV group
+
+
+@pytest.fixture(scope="module")
+def video_server(tmp_path_factory):
+    model_dir = str(get_fixture("llava_next_video"))
+    overrides = {
+        "architectures": ["LlavaNextVideoVTWForConditionalGeneration"],
+        "vtw_k": DEFAULT_K,
+        "vtw_allowed_k": [2, 4],
+    }
+    log_path = tmp_path_factory.mktemp("video_server") / "server.log"
+    args = [
+        "--dtype", "float32", "--max-model-len", "2048",
+        "--kv-cache-memory-bytes", str(16 * 2**20),
+        "--limit-mm-per-prompt", json.dumps({"video": 1}),
+        "--hf-overrides", json.dumps(overrides),
+    ]  # fmt: skip
+    with served(model_dir, args, log_path) as base:
+        yield {"base": base, "model": model_dir, "log": log_path}
+
+
+def _video(seed: int) -> bytes:
+    """A 4-frame 336 px test video as MP4 (4 x 144 = 576 video tokens)."""
+    return mp4_bytes(make_test_video(seed, num_frames=4), MP4_FPS)
+
+
+def _chat(server: dict, video: bytes, vtw_k=None) -> httpx.Response:
+    url = "data:video/mp4;base64," + base64.b64encode(video).decode()
+    body = {
+        "model": server["model"],
+        "messages": [{"role": "user", "content": [
+            {"type": "video_url", "video_url": {"url": url}},
+            {"type": "text", "text": QUESTION},
+        ]}],
+        "temperature": 0.0,
+        "max_tokens": MAX_TOKENS,
+        "return_token_ids": True,
+    }  # fmt: skip
+    if vtw_k is not None:
+        body["vllm_xargs"] = {"vtw_k": vtw_k}
+    return httpx.post(f"{server['base']}/v1/chat/completions", json=body, timeout=300)
+
+
+def test_video_chat_per_request_k_matches_reference(video_server):
+    video = _video(11)
+    frames = decode_video(video)
+    assert frames.shape == (4, 336, 336, 3)
+    tokens = {}
+    for k in (2, None, 8):  # None: the deployment's default K = 4
+        resp = _chat(video_server, video, vtw_k=k)
+        assert resp.status_code == 200, resp.text
+        data = resp.json()
+        ref = vtw_generate(
+            video_server["model"],
+            f"USER: <video>\n{QUESTION} ASSISTANT:",
+            [],
+            DEFAULT_K if k is None else k,
+            MAX_TOKENS,
+            add_special_tokens=False,
+            videos=[frames],
+        )
+        assert data["prompt_token_ids"] == ref.prompt_token_ids
+        tokens[k] = data["choices"][0]["token_ids"]
+        assert tokens[k] == ref.token_ids, f"vtw_k={k}"
+    assert tokens[2] != tokens[8], "withdrawing at layer 2 should change this tiny model's answer"
+
+
+@pytest.mark.parametrize("bad", [3, 0, 9, "4"])
+def test_bad_vtw_k_is_http_400_and_server_keeps_serving(video_server, bad):
+    video = _video(12)
+    resp = _chat(video_server, video, vtw_k=bad)
+    assert resp.status_code == 400, resp.text
+    assert str(ALLOWED) in resp.json()["error"]["message"]
+    good = _chat(video_server, video, vtw_k=2)
+    assert good.status_code == 200, good.text
+
+
+def test_served_compiled_with_one_span_per_kv_group(video_server):
+    """Not eager: the engine ran with vLLM's compile mode, and each layer span (a vLLM
+    compiled unit of its own, which every step runs, withdrawal steps included) was
+    compiled, or loaded from vLLM's compile cache when an earlier run compiled it."""
+    log = video_server["log"].read_text()
+    assert "enforce_eager=False" in log and "CompilationMode.DYNAMO_TRACE_ONCE" in log
+    for span in SPANS:
+        compiled = f"[{span}] saved AOT compiled function" in log
+        loaded = f"[{span}] Directly load AOT compilation" in log
+        assert compiled or loaded, span
+
+
+def test_no_request_left_running(video_server):
+    assert metric(video_server, "vllm:num_requests_running") == 0
