@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-MARKER = "VTW_DEMO_JSON "
+from vtw_vllm.child_engine import (
+    bytes_per_block,
+    held_blocks,
+    in_process_engine_core,
+    run_child,
+    scheduler,
+)
+
 TRAINED = Path(__file__).resolve().parents[1] / "checkpoints" / "vqa-tiny"
 QUESTIONS = [
     "What is in the picture?",
@@ -61,7 +65,7 @@ def demo_requests(model: str, n: int) -> list[tuple[str, object, str | None]]:
 
 def run_engine(model: str, vtw_k: int | None, num_prompts: int, max_tokens: int) -> dict:
     """Generate with one engine (stock when vtw_k is None) and measure it."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the scheduler lives in this process
+    in_process_engine_core()  # the scheduler lives in this process
     from vllm import LLM, SamplingParams
 
     overrides = {"architectures": [_architecture(model, vtw_k is not None)]}
@@ -75,10 +79,9 @@ def run_engine(model: str, vtw_k: int | None, num_prompts: int, max_tokens: int)
         max_num_seqs=8,
         kv_cache_memory_bytes=256 * 2**20,
     )  # both at vLLM's defaults (compiled, prefix caching on; distinct images: no hits)
-    sched = llm.llm_engine.engine_core.engine_core.scheduler
+    sched = scheduler(llm)
     groups = sched.kv_cache_config.kv_cache_groups
-    bytes_per_block = [g.kv_cache_spec.page_size_bytes * len(g.layer_names) for g in groups]
-    managers = sched.kv_cache_manager.coordinator.single_type_managers
+    block_bytes = bytes_per_block(sched)
     # min_tokens=1: a request whose first token is </s> would finish inside its prefill
     # step and free its blocks before they can be read.
     params = SamplingParams(temperature=0.0, max_tokens=max(2, max_tokens), min_tokens=1)
@@ -95,7 +98,7 @@ def run_engine(model: str, vtw_k: int | None, num_prompts: int, max_tokens: int)
             if out.finished:
                 outputs[out.request_id] = out
         for req_id in sched.requests:
-            held = [len(m.req_to_blocks[req_id]) for m in managers]
+            held = held_blocks(sched, req_id)
             peak = peak_blocks.setdefault(req_id.split("-")[0], [0] * len(held))
             peak_blocks[req_id.split("-")[0]] = [max(a, b) for a, b in zip(peak, held, strict=True)]
     elapsed = time.perf_counter() - start
@@ -107,7 +110,7 @@ def run_engine(model: str, vtw_k: int | None, num_prompts: int, max_tokens: int)
                 "answer": out.outputs[0].text,
                 "prompt_tokens": len(out.prompt_token_ids),
                 "kv_blocks": blocks,
-                "kv_mib": sum(b * n for b, n in zip(blocks, bytes_per_block, strict=True)) / 2**20,
+                "kv_mib": sum(b * n for b, n in zip(blocks, block_bytes, strict=True)) / 2**20,
             }
         )
     return {
@@ -119,15 +122,8 @@ def run_engine(model: str, vtw_k: int | None, num_prompts: int, max_tokens: int)
 
 
 def _child(model: str, vtw_k: int | None, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, "-m", "vtw_vllm.demo", "--child", "--model", model]
-    cmd += ["--num-prompts", str(args.num_prompts), "--max-tokens", str(args.max_tokens)]
-    if vtw_k is not None:
-        cmd += ["--vtw-k", str(vtw_k)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    for line in proc.stdout.splitlines():
-        if line.startswith(MARKER):
-            return json.loads(line[len(MARKER) :])
-    raise RuntimeError(f"engine run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    """:func:`run_engine` in a fresh process (one engine per process)."""
+    return run_child("vtw_vllm.demo:run_engine", model, vtw_k, args.num_prompts, args.max_tokens)
 
 
 def main() -> None:
@@ -138,7 +134,6 @@ def main() -> None:
     parser.add_argument("--vtw-k", type=int, help="withdrawal layer (default: N/2)")
     parser.add_argument("--num-prompts", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.model is None and (TRAINED / "config.json").is_file():
@@ -147,10 +142,6 @@ def main() -> None:
         from vtw_vllm.testing import get_fixture
 
         args.model = str(get_fixture("llava"))
-    if args.child:
-        result = run_engine(args.model, args.vtw_k, args.num_prompts, args.max_tokens)
-        print(MARKER + json.dumps(result), flush=True)
-        return
 
     print(f"model: {args.model}\nstarting the stock engine ...", flush=True)
     stock = _child(args.model, None, args)
