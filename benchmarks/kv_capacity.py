@@ -25,8 +25,8 @@ blocks.
 The default block size is 16 on GPU and 32 on CPU (vLLM's CPU attention kernel only takes
 multiples of 32; 16 fails at engine start with "No common block size").
 
-Each config runs in a fresh subprocess (``--one stock|vtw --k K``; one in-process vLLM
-engine per process), which prints one JSON line; the parent writes
+Each config runs in a fresh subprocess (``vtw_vllm.child_engine``: one in-process vLLM
+engine per process), which returns its figures as JSON; the parent writes
 ``<out>/kv_capacity.{md,csv,png}``.
 """
 
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import re
 import subprocess
@@ -43,15 +42,22 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from vtw_vllm.child_engine import (
+    bytes_per_block,
+    held_blocks,
+    in_process_engine_core,
+    run_child,
+    scheduler,
+)
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).resolve()
-MARKER = "KV_CAPACITY_JSON "
 QUESTION = "What is in the picture?"
 
 
 def measure(kind: str, k: int, args: argparse.Namespace) -> dict[str, Any]:
     """Start one in-process engine and measure its KV pool, per-request blocks, capacity."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the scheduler lives in this process
+    in_process_engine_core()  # the scheduler lives in this process
     from vllm import LLM, SamplingParams
 
     from vtw_vllm.testing import get_fixture, make_test_image
@@ -73,13 +79,12 @@ def measure(kind: str, k: int, args: argparse.Namespace) -> dict[str, Any]:
         seed=0,
     )
     engine = llm.llm_engine
-    sched = engine.engine_core.engine_core.scheduler
+    sched = scheduler(llm)
     kvm = sched.kv_cache_manager
     pool = kvm.block_pool
     groups = sched.kv_cache_config.kv_cache_groups
-    managers = kvm.coordinator.single_type_managers
     # Memory of one block id: its page in every layer of its group (groups share tensors).
-    block_bytes = [g.kv_cache_spec.page_size_bytes * len(g.layer_names) for g in groups]
+    block_bytes = bytes_per_block(sched)
     free_at_start = pool.get_num_free_blocks()
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
 
@@ -92,7 +97,7 @@ def measure(kind: str, k: int, args: argparse.Namespace) -> dict[str, Any]:
         )
 
     def held(req_id: str) -> list[int]:
-        return [len(m.req_to_blocks.get(req_id, ())) for m in managers]
+        return held_blocks(sched, req_id)
 
     # Phase 1: one request alone; blocks right after the step that finished its prefill.
     add(0)
@@ -170,30 +175,14 @@ def provenance() -> dict[str, str]:
     }
 
 
-def run_child(kind: str, k: int, args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [
-        sys.executable,
-        str(SCRIPT),
-        "--one",
-        kind,
-        "--k",
-        str(k),
-        "--kv-mib",
-        str(args.kv_mib),
-        "--block-size",
-        str(args.block_size),
-        "--num-requests",
-        str(args.num_requests),
-        "--max-tokens",
-        str(args.max_tokens),
-    ]
+def measure_child(kind: str, k: int, args: dict[str, Any]) -> dict[str, Any]:
+    """:func:`measure`, called in the child process with the parent's options."""
+    return measure(kind, k, argparse.Namespace(**args))
+
+
+def one_config(kind: str, k: int, args: argparse.Namespace) -> dict[str, Any]:
     print(f"[kv_capacity] {kind} K={k} ...", file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARKER)]
-    if proc.returncode or not lines:
-        sys.stderr.write(proc.stderr[-5000:])
-        raise SystemExit(f"{kind} K={k} failed (exit {proc.returncode})")
-    return json.loads(lines[-1][len(MARKER) :])
+    return run_child(f"{SCRIPT}:measure_child", kind, k, vars(args), cwd=REPO)
 
 
 def write_results(rows: list[dict[str, Any]], out: Path, prov: dict[str, str]) -> None:
@@ -308,18 +297,13 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
-    parser.add_argument("--one", choices=["stock", "vtw"], help=argparse.SUPPRESS)
-    parser.add_argument("--k", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.block_size is None:
         import torch
 
         args.block_size = 16 if torch.cuda.is_available() else 32
-    if args.one:
-        print(MARKER + json.dumps(measure(args.one, args.k, args)), flush=True)
-        return
     prov = provenance()
-    rows = [run_child("stock", 0, args)] + [run_child("vtw", k, args) for k in args.ks]
+    rows = [one_config("stock", 0, args)] + [one_config("vtw", k, args) for k in args.ks]
     write_results(rows, args.out, prov)
     print((args.out / "kv_capacity.md").read_text())
 
