@@ -37,6 +37,10 @@ VTW_ARCHITECTURES = {
     "LlavaNextVideoVTWForConditionalGeneration": "LlavaNextVideoVTWForConditionalGeneration",
 }
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+# Frames sampled (uniformly) from a video file: what `vllm serve` samples by default
+# (vLLM's VideoMediaIO), so a calibration sees the frames a deployment will.
+VIDEO_NUM_FRAMES = 32
+MEDIA = ("image", "video")
 
 
 class CalibrationError(ValueError):
@@ -45,11 +49,20 @@ class CalibrationError(ValueError):
 
 @dataclass
 class CalibrationSample:
-    """One image and its prompt: a full model prompt containing ``<image>``, or a plain
-    question that is wrapped with the model's chat template."""
+    """One image or one video and its prompt: a full model prompt containing ``<image>``
+    (``<video>``), or a plain question that is wrapped with the model's chat template."""
 
-    image: Image.Image
+    image: Image.Image | None
     prompt: str
+    video: np.ndarray | None = None  # [frames, height, width, 3] uint8 RGB
+
+    @property
+    def modality(self) -> str:
+        return "video" if self.video is not None else "image"
+
+    @property
+    def multi_modal_data(self) -> dict[str, Any]:
+        return {"video": self.video} if self.video is not None else {"image": self.image}
 
 
 @dataclass
@@ -108,9 +121,50 @@ def _open_image(ref: str, base: Path, where: str) -> Image.Image:
         raise CalibrationError(f"{where}: cannot read image {path} ({exc})") from exc
 
 
-def image_rows(path: Path, expected: str) -> Iterator[tuple[str, dict[str, Any]]]:
+def _media_bytes(ref: str, base: Path, where: str, what: str) -> bytes:
+    """The bytes of a data URL, an absolute path or a path relative to ``base``."""
+    if ref.startswith("data:"):
+        try:
+            return base64.b64decode(ref.split(",", 1)[1], validate=True)
+        except Exception as exc:
+            raise CalibrationError(f"{where}: cannot decode the {what} data URL ({exc})") from exc
+    path = Path(ref) if Path(ref).is_absolute() else base / ref
+    if not path.is_file():
+        raise CalibrationError(f"{where}: {what} not found: {path}")
+    return path.read_bytes()
+
+
+def open_video(ref: str, base: Path, where: str, num_frames: int = VIDEO_NUM_FRAMES) -> np.ndarray:
+    """A video file (path or data URL, any container OpenCV reads: mp4, webm, mkv, ...)
+    decoded by vLLM's own video loader, ``num_frames`` sampled uniformly as `vllm serve`
+    does: ``[frames, height, width, 3]`` uint8 RGB."""
+    data = _media_bytes(ref, base, where, "video")
+    from vllm.multimodal.media.image import ImageMediaIO
+    from vllm.multimodal.media.video import VideoMediaIO
+
+    try:
+        frames, _ = VideoMediaIO(ImageMediaIO(), num_frames=num_frames).load_bytes(data).media
+    except Exception as exc:  # any decoding failure is the user's data
+        raise CalibrationError(f"{where}: cannot decode the video ({exc})") from exc
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or not len(frames):
+        raise CalibrationError(f"{where}: the video has no frames")
+    return frames
+
+
+def row_media(
+    row: dict[str, Any], base: Path, where: str, num_frames: int = VIDEO_NUM_FRAMES
+) -> tuple[Image.Image | None, np.ndarray | None]:
+    """(image, video) of a row from :func:`media_rows`: exactly one is not None."""
+    if "video" in row:
+        return None, open_video(row["video"], base, where, num_frames)
+    return _open_image(row["image"], base, where), None
+
+
+def media_rows(path: Path, expected: str) -> Iterator[tuple[str, dict[str, Any]]]:
     """("file:line", row) for every non-empty line of a JSONL file whose rows are objects
-    with an ``"image"`` string; CalibrationError naming the line otherwise."""
+    with an ``"image"`` or a ``"video"`` string (not both); CalibrationError naming the
+    line otherwise."""
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
@@ -119,29 +173,33 @@ def image_rows(path: Path, expected: str) -> Iterator[tuple[str, dict[str, Any]]
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise CalibrationError(f"{where}: not valid JSON ({exc.msg})") from exc
-        if not isinstance(row, dict) or not isinstance(row.get("image"), str):
+        media = [m for m in MEDIA if m in row] if isinstance(row, dict) else []
+        if len(media) != 1 or not isinstance(row[media[0]], str):
             raise CalibrationError(f"{where}: expected {expected}")
         yield where, row
 
 
-def _from_jsonl(path: Path, limit: int | None) -> list[CalibrationSample]:
+def _from_jsonl(
+    path: Path, limit: int | None, num_frames: int = VIDEO_NUM_FRAMES
+) -> list[CalibrationSample]:
     samples = []
-    for where, row in image_rows(path, '{"image": path or data URL, "prompt": ...}'):
+    for where, row in media_rows(path, '{"image" or "video": path or data URL, "prompt": ...}'):
         if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
             raise CalibrationError(f'{where}: "prompt" must be a non-empty string')
-        samples.append(
-            CalibrationSample(_open_image(row["image"], path.parent, where), row["prompt"])
-        )
+        image, video = row_media(row, path.parent, where, num_frames)
+        samples.append(CalibrationSample(image, row["prompt"], video))
         if limit is not None and len(samples) == limit:
             break
     return samples
 
 
-def _from_folder(folder: Path, limit: int | None) -> list[CalibrationSample]:
+def _from_folder(
+    folder: Path, limit: int | None, num_frames: int = VIDEO_NUM_FRAMES
+) -> list[CalibrationSample]:
     """A folder of images plus ``prompts.jsonl`` (as a data file) or ``prompts.txt``: one
     prompt for every image, or lines ``image_file<TAB>prompt``."""
     if (folder / "prompts.jsonl").is_file():
-        return _from_jsonl(folder / "prompts.jsonl", limit)
+        return _from_jsonl(folder / "prompts.jsonl", limit, num_frames)
     prompts = folder / "prompts.txt"
     if not prompts.is_file():
         raise CalibrationError(f"{folder}: a data folder needs prompts.jsonl or prompts.txt")
@@ -161,14 +219,21 @@ def _from_folder(folder: Path, limit: int | None) -> list[CalibrationSample]:
     ]
 
 
-def load_samples(path: str | Path, limit: int | None = None) -> list[CalibrationSample]:
-    """Read calibration samples: a JSONL file of ``{"image", "prompt"}`` rows (image: a
-    path relative to the file, an absolute path or a data URL) or a folder (see
-    :func:`_from_folder`). Raises :class:`CalibrationError` on bad data."""
+def load_samples(
+    path: str | Path, limit: int | None = None, num_frames: int = VIDEO_NUM_FRAMES
+) -> list[CalibrationSample]:
+    """Read calibration samples: a JSONL file of ``{"image", "prompt"}`` or ``{"video",
+    "prompt"}`` rows (a path relative to the file, an absolute path or a data URL; a
+    video is decoded as :func:`open_video` does, ``num_frames`` frames at most) or a
+    folder of images (see :func:`_from_folder`). Raises :class:`CalibrationError` on bad
+    data."""
     path = Path(path)
     if not path.exists():
         raise CalibrationError(f"data not found: {path}")
-    samples = _from_folder(path, limit) if path.is_dir() else _from_jsonl(path, limit)
+    if path.is_dir():
+        samples = _from_folder(path, limit, num_frames)
+    else:
+        samples = _from_jsonl(path, limit, num_frames)
     if not samples:
         raise CalibrationError(f"{path}: no samples")
     return samples
@@ -259,13 +324,13 @@ def make_engine(model: str | Path, layer_group_size: int | None = None, **engine
 
 
 def _prompt_ids(llm, sample: CalibrationSample) -> list[int]:
-    """Token ids of the sample's prompt with one ``<image>`` placeholder (vLLM expands it)."""
+    """Token ids of the sample's prompt with one ``<image>`` or ``<video>`` placeholder
+    (vLLM expands it)."""
     tokenizer = llm.get_tokenizer()
     text = sample.prompt
-    if "<image>" not in text:
-        messages = [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}
-        ]
+    if f"<{sample.modality}>" not in text:
+        content = [{"type": sample.modality}, {"type": "text", "text": text}]
+        messages = [{"role": "user", "content": content}]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer(text)["input_ids"]
 
@@ -327,7 +392,7 @@ def calibrate(
         )
 
     def prompt(ids: list[int], sample: CalibrationSample) -> TokensPrompt:
-        return TokensPrompt(prompt_token_ids=ids, multi_modal_data={"image": sample.image})
+        return TokensPrompt(prompt_token_ids=ids, multi_modal_data=sample.multi_modal_data)
 
     bases = [_prompt_ids(llm, s) for s in samples]
     # The standard answer and its distributions: K = N, greedy.

@@ -27,9 +27,10 @@ def _calibrate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--data",
         required=True,
-        help='JSONL of {"image": path or data URL, "prompt": text}, or a folder of images '
-        "with prompts.jsonl or prompts.txt",
+        help='JSONL of {"image" or "video": path or data URL, "prompt": text}, or a folder '
+        "of images with prompts.jsonl or prompts.txt",
     )
+    _num_frames_arg(p)
     p.add_argument("--eta", type=float, default=0.003, help="KL threshold (paper: 0.003)")
     p.add_argument("--samples", type=int, default=20, help="samples to use (paper: 20)")
     p.add_argument("--candidates", type=int, nargs="+", help="K values (default: all allowed)")
@@ -67,13 +68,13 @@ def _calibrate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
     from vtw_vllm import calibrate as cal
 
     engine_args = _engine_args(args.engine_args, parser)
-    if args.samples < 1 or args.num_tokens < 1:
-        _fail(parser, "--samples and --num-tokens must be >= 1")
+    if args.samples < 1 or args.num_tokens < 1 or args.num_frames < 1:
+        _fail(parser, "--samples, --num-tokens and --num-frames must be >= 1")
     try:
         cal.vtw_architecture(args.model)
         if args.out is not None:  # before the engine: a run must not end on a bad --out
             check_out(args.out, args.model, args.force)
-        samples = cal.load_samples(args.data, limit=args.samples)
+        samples = cal.load_samples(args.data, limit=args.samples, num_frames=args.num_frames)
     except cal.CalibrationError as exc:
         _fail(parser, str(exc))
     print(f"{len(samples)} samples from {args.data}", flush=True)
@@ -154,8 +155,9 @@ def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--data",
         required=True,
-        help='JSONL of {"image", "question" (or "text"), "answer" (or "label"), "type"}',
+        help='JSONL of {"image" or "video", "question" (or "text"), "answer" (or "label"), "type"}',
     )
+    _num_frames_arg(p)
     p.add_argument("--k", type=int, nargs="+", help="K values (default: the model's and N)")
     p.add_argument("--limit", type=int, help="evaluate only the first questions")
     p.add_argument("--first-word", action="store_true", help="compare first words only")
@@ -173,7 +175,7 @@ def _evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
     engine_args = _engine_args(args.engine_args, parser)
     try:
         cal.vtw_architecture(args.model)
-        items = ev.load_eval_file(args.data, limit=args.limit)
+        items = ev.load_eval_file(args.data, limit=args.limit, num_frames=args.num_frames)
     except cal.CalibrationError as exc:
         _fail(parser, str(exc))
     print(f"{len(items)} questions from {args.data}", flush=True)
@@ -188,6 +190,18 @@ def _evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
     if args.table:
         args.table.parent.mkdir(parents=True, exist_ok=True)
         args.table.write_text(table + "\n")
+
+
+def _num_frames_arg(p: argparse.ArgumentParser) -> None:
+    from vtw_vllm.calibrate import VIDEO_NUM_FRAMES
+
+    p.add_argument(
+        "--num-frames",
+        type=int,
+        default=VIDEO_NUM_FRAMES,
+        help="frames sampled uniformly from each video, as `vllm serve` does "
+        f"(default {VIDEO_NUM_FRAMES}, vLLM's; fewer if the video has fewer)",
+    )
 
 
 def _fail(parser: argparse.ArgumentParser, message: str) -> NoReturn:

@@ -9,6 +9,9 @@ The file is POPE/MME-style JSONL, one question per line::
 
 ``question`` may be called ``text`` and ``answer`` ``label`` (POPE's names), ``type``
 ``category`` (MME's); images are paths relative to the file, absolute paths or data URLs.
+A row may carry a ``"video"`` (a video file or data URL, decoded by vLLM's video loader
+as :func:`vtw_vllm.calibrate.open_video` does) instead of its ``"image"``: video-QA for
+LLaVA-NeXT-Video / LLaVA-OneVision.
 A prediction is right when it equals the answer after :func:`normalise` (lower case, no
 punctuation, number words as digits), or, with ``--first-word``, when its first word does
 (yes/no benchmarks whose models add an explanation).
@@ -24,13 +27,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
-from vtw_vllm.calibrate import CalibrationError, _open_image, image_rows, progress_bar
+from vtw_vllm.calibrate import (
+    VIDEO_NUM_FRAMES,
+    CalibrationError,
+    media_rows,
+    progress_bar,
+    row_media,
+)
 from vtw_vllm.config import EXTRA_ARGS_KEY
 from vtw_vllm.quality.task import normalise
 
 LLAVA_PROMPT = "USER: <image>\n{question} ASSISTANT:"  # LLaVA-1.5 (v1 conversation)
+VIDEO_PROMPT = "USER: <video>\n{question} ASSISTANT:"  # LLaVA-NeXT-Video's format
 TEXT_ONLY_PROMPT = "USER: {question} ASSISTANT:"
 ALIASES = {"question": ("question", "text"), "answer": ("answer", "label")}
 
@@ -41,10 +52,11 @@ class EvaluationError(CalibrationError):
 
 @dataclass(frozen=True)
 class EvalItem:
-    image: Image.Image | None  # None: ask without the image (an ablation)
+    image: Image.Image | None  # None (and no video): ask without the image (an ablation)
     question: str
     answer: str
     type: str = "all"
+    video: np.ndarray | None = None  # [frames, height, width, 3] uint8, instead of an image
 
 
 def _field(row: dict[str, Any], name: str, where: str) -> str:
@@ -55,20 +67,25 @@ def _field(row: dict[str, Any], name: str, where: str) -> str:
     raise EvaluationError(f"{where}: needs a non-empty string {names}")
 
 
-def load_eval_file(path: str | Path, limit: int | None = None) -> list[EvalItem]:
-    """Read a POPE/MME-style JSONL file (see the module docstring)."""
+def load_eval_file(
+    path: str | Path, limit: int | None = None, num_frames: int = VIDEO_NUM_FRAMES
+) -> list[EvalItem]:
+    """Read a POPE/MME-style JSONL file (see the module docstring); a video keeps
+    ``num_frames`` frames at most."""
     path = Path(path)
     if not path.is_file():
         raise EvaluationError(f"data file not found: {path}")
     items: list[EvalItem] = []
     try:
-        for where, row in image_rows(path, '{"image", "question", "answer"}'):
+        for where, row in media_rows(path, '{"image" or "video", "question", "answer"}'):
+            image, video = row_media(row, path.parent, where, num_frames)
             items.append(
                 EvalItem(
-                    image=_open_image(row["image"], path.parent, where),
+                    image=image,
                     question=_field(row, "question", where),
                     answer=_field(row, "answer", where),
                     type=str(row.get("type", row.get("category", "all"))),
+                    video=video,
                 )
             )
             if limit is not None and len(items) == limit:
@@ -118,7 +135,8 @@ def generate_answers(
     progress: bool = False,
 ) -> list[str]:
     """Greedy answers from a vLLM ``LLM`` (``k``: per-request VTW K; None: the engine's
-    default). Items without an image are asked as text-only prompts. ``progress``: a
+    default). Items with a video are asked in LLaVA-NeXT-Video's format, items without
+    an image or a video as text-only prompts. ``progress``: a
     progress bar labelled with K (a long file takes minutes per K on a CPU)."""
     from vllm import SamplingParams
 
@@ -126,7 +144,14 @@ def generate_answers(
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, extra_args=extra)
     prompts: list[Any] = []
     for item in items:
-        if item.image is None:
+        if item.video is not None:
+            prompts.append(
+                {
+                    "prompt": VIDEO_PROMPT.format(question=item.question),
+                    "multi_modal_data": {"video": item.video},
+                }
+            )
+        elif item.image is None:
             prompts.append(TEXT_ONLY_PROMPT.format(question=item.question))
         else:
             prompts.append(
