@@ -1,0 +1,385 @@
+"""LLaVA-NeXT-Video: stock vLLM vs VTW, both at vLLM's defaults, in one run.
+
+    python benchmarks/video.py [--frames 16] [--batch 4] [--repeats 3] [--kv-mib 160]
+
+A LLaVA-NeXT-Video-shaped benchmark checkpoint built here (random weights: the answers mean
+nothing, the cost is real): the tiny fixture's CLIP tower, pooling (144 tokens per frame)
+and processors with an 8-layer, 512-wide Llama, so that the language model dominates. A
+request is one video of ``--frames`` frames (16: 2304 video tokens) and a short question.
+
+Two engines, each in its own child process (in-process engine core, so the scheduler is
+readable), one after the other: stock and VTW with ``vtw_allowed_k`` [N/2, N] (two KV
+groups), measured at K = N/2 and K = N (per-request ``extra_args``). Both at vLLM's
+defaults: neither ``enforce_eager`` nor ``enable_prefix_caching`` is passed (what each
+engine ran with is read back and reported); only the KV budget, context length, dtype and
+``limit_mm_per_prompt`` are set, the same for both. Every request carries a video its
+engine has never seen (a fresh seed per request, warm-up and repeats included), so the
+prefix cache cannot hit; the cached tokens the engines report must be 0.
+
+Per K: prefill throughput (prompt tokens/s of a batch, timed until every request has its
+first token), decode throughput (the same batch after that, ``ignore_eos``), the KV
+blocks one request holds per KV group after its prefill (x layers per group: KV memory),
+and, at the fixed KV budget, the peak number of requests running at once and requests/s
+for ``--kv-bound-requests`` requests. Videos are preprocessed in ``add_request``, before
+the clock starts. Bars: KV per request <= 0.55x stock and prefill >= 1.8x stock at K = N/2.
+About 6 minutes on 2 CPU cores; timings need an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+MARKER = "VIDEO_BENCH_JSON "
+PROMPT = "USER: <video>\nWhat happens in the video? Describe it. ASSISTANT:"
+TOKENS_PER_FRAME = 144  # 24 x 24 CLIP-336 patches, average-pooled with stride 2
+MAX_MODEL_LEN = 4096  # the checkpoint's context (LLaVA-NeXT-Video-7B's too)
+BARS = (("kv_layer_blocks", "<=", 0.55), ("prefill_tok_s", ">=", 1.8))  # at K = N/2
+
+
+def _load(name: str, path: Path) -> Any:
+    """A sibling benchmark script as a module (they are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+serving = _load("serving_run", REPO / "benchmarks" / "serving" / "run.py")  # shared helpers
+flops = _load("flops", REPO / "benchmarks" / "flops.py")
+
+
+def video_checkpoint() -> Path:
+    """The benchmark-sized LLaVA-NeXT-Video checkpoint (cached next to the fixtures)."""
+    import torch
+    from transformers import (
+        LlavaNextImageProcessor,
+        LlavaNextVideoConfig,
+        LlavaNextVideoForConditionalGeneration,
+        LlavaNextVideoProcessor,
+        LlavaNextVideoVideoProcessor,
+    )
+
+    from vtw_vllm.testing import default_cache_dir, fixtures
+
+    out = default_cache_dir() / "bench-llava_next_video-d512-v1"
+    if (out / "config.json").is_file():
+        return out
+    tokenizer = fixtures._video_tokenizer()
+    common = fixtures._common_config(tokenizer)
+    text = common["text_config"]  # as benchmarks/serving/run.py's image checkpoints
+    text.hidden_size, text.intermediate_size = 512, 1408
+    text.num_attention_heads, text.num_key_value_heads = 8, 4
+    text.initializer_range = 0.02
+    size = fixtures._IMAGE_SIZE
+    config = LlavaNextVideoConfig(
+        **common,
+        image_grid_pinpoints=fixtures._GRID_PINPOINTS,
+        video_token_index=tokenizer.convert_tokens_to_ids(fixtures.VIDEO_TOKEN),
+        spatial_pool_mode="average",
+        spatial_pool_stride=2,
+        image_seq_length=576,
+        video_seq_length=144,
+    )
+    processor = LlavaNextVideoProcessor(
+        video_processor=LlavaNextVideoVideoProcessor(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+        ),
+        image_processor=LlavaNextImageProcessor(
+            **fixtures._image_processor_kwargs(), image_grid_pinpoints=fixtures._GRID_PINPOINTS
+        ),
+        tokenizer=tokenizer,
+        **fixtures._processor_kwargs() | {"chat_template": fixtures.VIDEO_CHAT_TEMPLATE},
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlavaNextVideoForConditionalGeneration(config).eval()
+    tmp = out.with_name(out.name + ".tmp")
+    fixtures._save(model, processor, tmp)
+    tmp.rename(out)
+    return out
+
+
+def engine_spec(name: str, n: int) -> dict[str, Any]:
+    """Stock, or VTW with two KV groups (K = N/2 and N allowed), and the K it measures."""
+    if name == "stock":
+        return {"arch": "LlavaNextVideoForConditionalGeneration", "layout": {}, "ks": [None]}
+    return {
+        "arch": "LlavaNextVideoVTWForConditionalGeneration",
+        "layout": {"vtw_k": n // 2, "vtw_allowed_k": [n // 2, n]},
+        "ks": [n // 2, n],
+    }
+
+
+class FreshVideos:
+    """Test videos, each seed used once: no two requests to an engine share a video."""
+
+    def __init__(self, frames: int, first_seed: int = 5000) -> None:
+        self.frames, self.next_seed = frames, first_seed
+
+    def take(self, n: int) -> list:
+        from vtw_vllm.testing import make_test_video
+
+        seeds = range(self.next_seed, self.next_seed + n)
+        self.next_seed += n
+        return [make_test_video(seed, num_frames=self.frames) for seed in seeds]
+
+
+def offline(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One engine (this child process): every measurement for every K it serves."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the scheduler lives in this process
+    from vllm import LLM, SamplingParams
+
+    model = video_checkpoint()
+    n = json.loads((model / "config.json").read_text())["text_config"]["num_hidden_layers"]
+    spec = engine_spec(name, n)
+    llm = LLM(
+        model=str(model),
+        hf_overrides={"architectures": [spec["arch"]], **spec["layout"]},
+        kv_cache_memory_bytes=args.kv_mib * 2**20,
+        max_model_len=MAX_MODEL_LEN,
+        dtype="float32",
+        limit_mm_per_prompt={"video": 1},
+        seed=0,
+    )
+    engine = llm.llm_engine
+    sched = engine.engine_core.engine_core.scheduler
+    managers = sched.kv_cache_manager.coordinator.single_type_managers
+    layers_per_group = [len(g.layer_names) for g in sched.kv_cache_config.kv_cache_groups]
+    videos = FreshVideos(args.frames)
+
+    def prompts(count: int) -> list[dict[str, Any]]:
+        return [{"prompt": PROMPT, "multi_modal_data": {"video": v}} for v in videos.take(count)]
+
+    def params(k: int | None, max_tokens: int) -> SamplingParams:
+        extra = {"vtw_k": k} if k is not None else None
+        return SamplingParams(
+            temperature=0.0, max_tokens=max_tokens, ignore_eos=True, extra_args=extra
+        )
+
+    def run_batch(k: int | None, max_tokens: int, batch: list[dict[str, Any]]) -> dict[str, Any]:
+        """Add the batch (preprocessing its videos), then time the engine steps: prefill
+        until every request has its first token, decode after that."""
+        tag = f"t{time.perf_counter_ns()}"
+        for i, prompt in enumerate(batch):
+            engine.add_request(f"{tag}x{i}", prompt, params(k, max_tokens))
+        start = time.perf_counter()
+        prefilled: float | None = None
+        generated_at_prefill = running_at_prefill = peak = 0
+        finished = []
+        while engine.has_unfinished_requests():
+            finished += [out for out in engine.step() if out.finished]
+            peak = max(peak, len(sched.running))
+            if prefilled is None and all(r.num_output_tokens >= 1 for r in sched.requests.values()):
+                prefilled = time.perf_counter()
+                running_at_prefill = len(sched.running)
+                generated_at_prefill = sum(r.num_output_tokens for r in sched.requests.values())
+        end = time.perf_counter()
+        prefilled = prefilled or end
+        return {
+            "seconds": end - start,
+            "prefill_s": prefilled - start,
+            "decode_s": end - prefilled,
+            "decode_tokens": len(batch) * max_tokens - generated_at_prefill,
+            "running_at_prefill": running_at_prefill,
+            "peak_running": peak,
+            "prompt_tokens": sum(len(out.prompt_token_ids) for out in finished),
+            "cached_tokens": sum(out.num_cached_tokens or 0 for out in finished),
+        }
+
+    def kv_blocks(k: int | None) -> list[int]:
+        """Blocks per KV group that one request holds right after its prefill."""
+        engine.add_request(f"kv{k}", prompts(1)[0], params(k, 2))
+        held: list[int] = []
+        while engine.has_unfinished_requests():
+            engine.step()
+            for rid, request in sched.requests.items():
+                if request.num_output_tokens >= 1 and not held:
+                    held = [len(m.req_to_blocks[rid]) for m in managers]
+        return held
+
+    ks = spec["ks"]
+    for k in ks:  # warm-up: each K's path at the timed shapes
+        run_batch(k, 4, prompts(args.batch))
+    runs: dict[str, list[dict[str, Any]]] = {str(k): [] for k in ks}
+    for _ in range(args.repeats):  # alternate the Ks so drift hits them alike
+        for k in ks:
+            run = run_batch(k, 1 + args.decode_tokens, prompts(args.batch))
+            if run["running_at_prefill"] != args.batch:  # else "decode" times a second wave
+                raise RuntimeError(
+                    f"{run['running_at_prefill']} of {args.batch} requests running after "
+                    "prefill: raise --kv-mib so the timed batch fits stock and VTW alike"
+                )
+            runs[str(k)].append(run)
+    per_k: dict[str, dict[str, Any]] = {}
+    for k in ks:
+        rs = runs[str(k)]
+        bound = run_batch(k, args.kv_bound_tokens, prompts(args.kv_bound_requests))
+        blocks = kv_blocks(k)
+        per_k[str(k)] = {
+            "prefill_tok_s": serving._stats([r["prompt_tokens"] / r["prefill_s"] for r in rs]),
+            "decode_tok_s": serving._stats([r["decode_tokens"] / r["decode_s"] for r in rs]),
+            "kv_blocks": blocks,
+            "kv_layer_blocks": sum(b * m for b, m in zip(blocks, layers_per_group, strict=True)),
+            "kv_bound_req_s": args.kv_bound_requests / bound["seconds"],
+            "kv_bound_peak_running": bound["peak_running"],
+            "cached_tokens": sum(r["cached_tokens"] for r in rs) + bound["cached_tokens"],
+        }
+    return {
+        "name": name,
+        "spec": spec,
+        "engine": serving.engine_settings(llm),
+        "num_layers": n,
+        "layers_per_group": layers_per_group,
+        "prompt_tokens_per_request": runs[str(ks[0])][0]["prompt_tokens"] // args.batch,
+        "per_k": per_k,
+    }
+
+
+def _child(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    config = {"name": name, "args": vars(args) | {"out": str(args.out)}}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(config)]
+    print(f"[video bench] {name} ...", flush=True)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith(MARKER):
+            result = json.loads(line[len(MARKER) :])
+            result["child_seconds"] = time.perf_counter() - start
+            return result
+    raise RuntimeError(f"benchmark child failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+
+
+def bars(stock: dict[str, Any], vtw: dict[str, Any]) -> list[dict[str, Any]]:
+    k = vtw["num_layers"] // 2
+    base = stock["per_k"]["None"]
+    out = []
+    for metric, op, bar in BARS:
+        value = serving._x(vtw["per_k"][str(k)][metric], base[metric])
+        ok = value <= bar if op == "<=" else value >= bar
+        out.append({"k": k, "metric": metric, "ratio": value, "op": op, "bar": bar, "pass": ok})
+    return out
+
+
+def report(results: dict[str, Any], args: argparse.Namespace, meta: dict[str, Any]) -> str:
+    stock, vtw = results["stock"], results["vtw"]
+    s = stock["per_k"]["None"]
+    tokens = stock["prompt_tokens_per_request"]
+    video_tokens = args.frames * TOKENS_PER_FRAME
+    shape = flops.Shape.from_checkpoint(video_checkpoint())
+    text_tokens = tokens - video_tokens
+    _fmt, _x = serving._fmt, serving._x
+    lines = [
+        "# Video benchmark: stock vLLM vs VTW on LLaVA-NeXT-Video, both at vLLM's defaults",
+        "",
+        serving.meta_line(meta),
+        "",
+        f"Benchmark checkpoint: LLaVA-NeXT-Video-shaped, {vtw['num_layers']}-layer Llama, "
+        f"hidden {shape.hidden} (random weights). One video of {args.frames} frames per "
+        f"request: {tokens} prompt tokens, {video_tokens} of them video. {args.batch} "
+        f"requests per batch, each with a video its engine has not seen, {args.repeats} "
+        f"repeats, decode {args.decode_tokens} tokens; KV budget {args.kv_mib} MiB for both; "
+        f"KV-bound: {args.kv_bound_requests} requests x {args.kv_bound_tokens} tokens at "
+        "that budget. Figures: median [min-max] over the repeats; ratios: VTW / stock of "
+        f"the same run. VTW: vtw_allowed_k {vtw['engine']['allowed_k']} "
+        f"({vtw['engine']['kv_cache_groups']} KV groups).",
+        "",
+        "| config | prefill tok/s | x stock | FLOPs bound | decode tok/s | x stock | "
+        "KV blocks / req (per group) | KV layer-blocks / req | x stock | "
+        "KV-bound peak running | KV-bound req/s | x stock |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = [("stock", s, None)] + [(f"VTW K={k}", r, int(k)) for k, r in vtw["per_k"].items()]
+    for name, r, k in rows:
+        bound = 1 / flops.ratio(shape, video_tokens, text_tokens, k) if k is not None else 1.0
+        lines.append(
+            f"| {name} | {_fmt(r['prefill_tok_s'], 0)} | "
+            f"{_x(r['prefill_tok_s'], s['prefill_tok_s']):.2f}x | {bound:.2f}x | "
+            f"{_fmt(r['decode_tok_s'])} | {_x(r['decode_tok_s'], s['decode_tok_s']):.2f}x | "
+            f"{r['kv_blocks']} | {r['kv_layer_blocks']} | "
+            f"{_x(r['kv_layer_blocks'], s['kv_layer_blocks']):.2f}x | "
+            f"{r['kv_bound_peak_running']} | {r['kv_bound_req_s']:.3f} | "
+            f"{_x(r['kv_bound_req_s'], s['kv_bound_req_s']):.2f}x |"
+        )
+    lines += ["", f"Bars (K = {vtw['num_layers'] // 2} = N/2, both at defaults):", ""]
+    for b in results["bars"]:
+        what = "KV per request" if b["metric"] == "kv_layer_blocks" else "prefill"
+        verdict = "PASS" if b["pass"] else "FAIL"
+        lines.append(f"- {verdict}: {what} {b['ratio']:.2f}x stock (bar {b['op']} {b['bar']}x)")
+    lines += [
+        "",
+        "Engines as run (read back from each engine's config; cached tokens: the prefix-cache "
+        "hits the engine reported for its timed requests):",
+        "",
+        "| engine | prefix caching | enforce_eager | compilation | async sched. | "
+        "max batched tokens | max seqs | KV groups | block size | blocks | cached tokens | "
+        "child s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in (("stock", stock), ("vtw", vtw)):
+        e = r["engine"]
+        cached = sum(v["cached_tokens"] for v in r["per_k"].values())
+        lines.append(
+            f"| {name} | {e['enable_prefix_caching']} | {e['enforce_eager']} | "
+            f"{e['compilation_mode']} | {e['async_scheduling']} | {e['max_num_batched_tokens']} "
+            f"| {e['max_num_seqs']} | {e['kv_cache_groups']} | {e['block_size']} | "
+            f"{e['num_blocks']} | {cached} | {r['child_seconds']:.0f} |"
+        )
+    lines += [
+        "",
+        "KV layer-blocks: blocks held after prefill x layers per block (a stock block spans "
+        "all layers, a VTW block its KV group's), so the column compares KV memory. FLOPs "
+        "bound: stock / VTW prefill FLOPs of the language model (benchmarks/flops.py; the "
+        "vision tower, the same for both, is not in it).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--frames", type=int, default=16, help="frames per video (144 tokens)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--kv-mib", type=int, default=160)
+    parser.add_argument("--kv-bound-requests", type=int, default=12)
+    parser.add_argument("--kv-bound-tokens", type=int, default=16)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        config = json.loads(args.child)
+        child_args = argparse.Namespace(**config["args"])
+        print(MARKER + json.dumps(offline(config["name"], child_args)), flush=True)
+        return
+    if not 1 <= args.frames <= (MAX_MODEL_LEN - 128) // TOKENS_PER_FRAME:
+        parser.error(f"--frames: 1 to {(MAX_MODEL_LEN - 128) // TOKENS_PER_FRAME} fit the context")
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = serving.run_meta("benchmarks/video.py")
+    started = time.perf_counter()
+    video_checkpoint()
+    results: dict[str, Any] = {name: _child(name, args) for name in ("stock", "vtw")}
+    results["bars"] = bars(results["stock"], results["vtw"])
+    meta["load_after"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    meta["wall_s"] = round(time.perf_counter() - started)
+    text = report(results, args, meta)
+    (args.out / "video.md").write_text(text)
+    args_json = vars(args) | {"out": str(args.out), "child": None}
+    (args.out / "video.json").write_text(
+        json.dumps({"meta": meta, "args": args_json, **results}, indent=1)
+    )
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
