@@ -31,7 +31,6 @@ import argparse
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,7 +38,6 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-MARKER = "VIDEO_BENCH_JSON "
 PROMPT = "USER: <video>\nWhat happens in the video? Describe it. ASSISTANT:"
 TOKENS_PER_FRAME = 144  # 24 x 24 CLIP-336 patches, average-pooled with stride 2
 MAX_MODEL_LEN = 4096  # the checkpoint's context (LLaVA-NeXT-Video-7B's too)
@@ -135,10 +133,15 @@ class FreshVideos:
         return [make_test_video(seed, num_frames=self.frames) for seed in seeds]
 
 
-def offline(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    """One engine (this child process): every measurement for every K it serves."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the scheduler lives in this process
+def offline(name: str, arg_dict: dict[str, Any]) -> dict[str, Any]:
+    """One engine (a child process, :mod:`vtw_vllm.child_engine`): every measurement for
+    every K it serves."""
     from vllm import LLM, SamplingParams
+
+    from vtw_vllm import child_engine
+
+    child_engine.in_process_engine_core()  # the scheduler lives in this process
+    args = argparse.Namespace(**arg_dict)
 
     model = video_checkpoint()
     n = json.loads((model / "config.json").read_text())["text_config"]["num_hidden_layers"]
@@ -153,8 +156,7 @@ def offline(name: str, args: argparse.Namespace) -> dict[str, Any]:
         seed=0,
     )
     engine = llm.llm_engine
-    sched = engine.engine_core.engine_core.scheduler
-    managers = sched.kv_cache_manager.coordinator.single_type_managers
+    sched = child_engine.scheduler(llm)
     layers_per_group = [len(g.layer_names) for g in sched.kv_cache_config.kv_cache_groups]
     videos = FreshVideos(args.frames)
 
@@ -205,7 +207,7 @@ def offline(name: str, args: argparse.Namespace) -> dict[str, Any]:
             engine.step()
             for rid, request in sched.requests.items():
                 if request.num_output_tokens >= 1 and not held:
-                    held = [len(m.req_to_blocks[rid]) for m in managers]
+                    held = child_engine.held_blocks(sched, rid)
         return held
 
     ks = spec["ks"]
@@ -247,17 +249,14 @@ def offline(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _child(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    config = {"name": name, "args": vars(args) | {"out": str(args.out)}}
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(config)]
+    """One engine in a fresh process: it has the machine to itself and frees all it held."""
+    from vtw_vllm.child_engine import run_child
+
     print(f"[video bench] {name} ...", flush=True)
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    for line in proc.stdout.splitlines():
-        if line.startswith(MARKER):
-            result = json.loads(line[len(MARKER) :])
-            result["child_seconds"] = time.perf_counter() - start
-            return result
-    raise RuntimeError(f"benchmark child failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    result = run_child(f"{Path(__file__).resolve()}:offline", name, vars(args), cwd=REPO)
+    result["child_seconds"] = time.perf_counter() - start
+    return result
 
 
 def bars(stock: dict[str, Any], vtw: dict[str, Any]) -> list[dict[str, Any]]:
@@ -355,13 +354,7 @@ def main() -> None:
     parser.add_argument("--kv-bound-requests", type=int, default=12)
     parser.add_argument("--kv-bound-tokens", type=int, default=16)
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        config = json.loads(args.child)
-        child_args = argparse.Namespace(**config["args"])
-        print(MARKER + json.dumps(offline(config["name"], child_args)), flush=True)
-        return
     if not 1 <= args.frames <= (MAX_MODEL_LEN - 128) // TOKENS_PER_FRAME:
         parser.error(f"--frames: 1 to {(MAX_MODEL_LEN - 128) // TOKENS_PER_FRAME} fit the context")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -374,7 +367,7 @@ def main() -> None:
     meta["wall_s"] = round(time.perf_counter() - started)
     text = report(results, args, meta)
     (args.out / "video.md").write_text(text)
-    args_json = vars(args) | {"out": str(args.out), "child": None}
+    args_json = vars(args) | {"out": str(args.out)}
     (args.out / "video.json").write_text(
         json.dumps({"meta": meta, "args": args_json, **results}, indent=1)
     )
