@@ -17,9 +17,12 @@ Four parts, each stock and VTW measured in the same run and reported as ratios t
    (``vtw_layer_group_size`` 2), vs stock; ms per step and the per-group slope.
 3. ``eager``: stock and VTW both with ``enforce_eager=True`` and prefix caching off (the
    setting of the earlier runs); VTW with layer groups of 2 at every K in ``--ks`` and N.
-4. ``online``: ``vllm serve`` at defaults for both (VTW as in 1), a bounded loopback load
-   generator (streaming chat completions with data-URL images): TTFT, end-to-end
-   latency, req/s.
+4. ``online``: ``vllm serve`` at defaults for both (VTW as in 1), loaded by vLLM's own
+   ``vllm bench serve`` (``openai-chat`` backend, ``random-mm`` dataset: streaming chat
+   completions, one random-pixel image each, per-request K through ``--extra-body
+   '{"vllm_xargs": {"vtw_k": K}}'``); TTFT, TPOT, ITL, end-to-end latency, request and
+   token throughput read from its ``--save-result`` JSON; the exact commands go into the
+   report.
 
 Offline, per K: prefill throughput (prompt tokens/s of a batch of image requests, timed
 until each has its first token), decode throughput and ms per decode step (the same batch
@@ -28,16 +31,19 @@ a small KV budget) and KV blocks per request (read from the scheduler). The sche
 limits (``max_num_batched_tokens``, ``max_num_seqs``) are the engine's defaults too.
 
 Prefix caching: every request sent to an engine, warm-up and repeats included, carries an
-image that engine has never seen (a fresh image seed per request), so stock's prefix cache
-cannot hit across timed requests; the cached tokens the engine reports for the timed
-requests (``RequestOutput.num_cached_tokens``) are recorded and must be 0. Images are
-preprocessed in ``add_request``, before the clock starts.
+image that engine has never seen (a fresh image seed per request; online, a fresh
+``--seed`` per ``vllm bench serve`` round, from which random-mm draws every image), so
+stock's prefix cache cannot hit across timed requests; the cached tokens the engine
+reports for the timed requests (``RequestOutput.num_cached_tokens``; online, the server's
+``vllm:prefix_cache_hits`` counter) are recorded and must be 0. Images are preprocessed in
+``add_request``, before the clock starts.
 
-Each engine runs in its own child process (in-process engine core, so the scheduler is
-readable), one after the other; the repeats alternate the K values. Time on 2 CPU cores:
-~12 min for the default run (LLaVA-1.5-shaped only: six engines, two servers); ``--quick``
-(one repeat, shorter batches, no online part) 4-7 min; each extra model adds about as
-much again. Timings need an otherwise idle machine: the report flags a busy one.
+Each offline engine runs in its own child process (``vtw_vllm.child_engine``: in-process
+engine core, so the scheduler is readable), one after the other; the repeats alternate
+the K values. Time on 2 CPU cores: ~12 min for the default run (LLaVA-1.5-shaped only:
+six engines, two servers); ``--quick`` (one repeat, shorter batches, no online part)
+4-7 min; each extra model adds about as much again. Timings need an otherwise idle
+machine: the report flags a busy one.
 
 The checkpoint is a benchmark-sized variant of the tiny fixture (same tokenizer, tower
 and image processor; a 512-wide, 8-layer llama), so that, as in a real LLaVA, the
@@ -62,7 +68,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from vtw_vllm.child_engine import held_blocks, in_process_engine_core, run_child, scheduler
+from vtw_vllm.child_engine import (
+    MARKER,
+    held_blocks,
+    in_process_engine_core,
+    run_child,
+    scheduler,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "benchmarks" / "results"
@@ -443,7 +455,6 @@ def online(kind: str, spec: dict[str, Any], args: argparse.Namespace) -> dict[st
     ks = spec["ks"]
     rounds: dict[str, list[dict[str, Any]]] = {str(k): [] for k in ks}
     commands: dict[str, str] = {}
-    seed = 0  # the same seeds, so the same requests, for stock and VTW
     try:
         deadline = time.time() + 600
         while True:
@@ -458,8 +469,10 @@ def online(kind: str, spec: dict[str, Any], args: argparse.Namespace) -> dict[st
                 raise RuntimeError("vllm serve did not start in 10 minutes")
             time.sleep(2)
         for rep in range(-1, args.repeats):  # -1: warm-up (each K's path at these shapes)
-            for k in ks:
-                seed += 1
+            for i, k in enumerate(ks):
+                # A new seed per round (no image seen twice by a server); stock's round and
+                # VTW's first K's get the same seed: the same requests.
+                seed = 100 * (rep + 2) + i
                 n = args.concurrency if rep < 0 else args.online_requests
                 tag = "warmup" if rep < 0 else f"r{rep}"
                 result = out / f"{kind}-{name}-k{k}-{tag}.json"
@@ -672,6 +685,52 @@ def _groups_section(res: dict[str, Any]) -> tuple[list[str], dict[str, float]]:
     return lines, fit
 
 
+def _online_section(res: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    """The ``vllm bench serve`` figures, VTW / stock, and the commands that made them."""
+    stock = res["online_stock"]["per_k"]["None"]
+    columns = (  # (header, our key, digits, x 1000: ms)
+        ("TTFT ms", "ttft_s", 1, True),
+        ("TPOT ms", "tpot_s", 2, True),
+        ("ITL ms", "itl_s", 2, True),
+        ("e2e ms", "e2e_s", 1, True),
+        ("req/s", "req_s", 2, False),
+        ("output tok/s", "output_tok_s", 1, False),
+        ("total tok/s", "total_tok_s", 0, False),
+    )
+    lines = [
+        "### Online: vllm serve at defaults, loaded by vllm bench serve",
+        "",
+        "| online | " + " | ".join(f"{h} | x stock" for h, *_ in columns) + " | cached tokens |",
+        "|---|" + "---|---|" * len(columns) + "---|",
+    ]
+    rows = [("stock", stock)] + [(f"VTW K={k}", v) for k, v in res["online_vtw"]["per_k"].items()]
+    for name, r in rows:
+        cells = []
+        for _, key, digits, ms in columns:
+            scale = 1e3 if ms else 1.0
+            stat = {m: r[key][m] * scale for m in ("median", "min", "max")}
+            cells.append(f"{_fmt(stat, digits)} | {_x(r[key], stock[key]):.2f}x")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['cached_tokens']:.0f} |")
+    tokens = stock["prompt_tokens_per_request"]
+    lines += [
+        "",
+        f"Medians per round as `vllm bench serve` reports them ({tokens:.0f} prompt tokens per "
+        "request, from the server's usage), then median [min-max] over the rounds; cached "
+        "tokens: the server's `vllm:prefix_cache_hits` counter over the timed rounds. "
+        "Commands (`vllm` = `python -m vllm.entrypoints.cli.main`; each engine's first "
+        "timed round; the other rounds differ in `--seed` and `--result-filename` only, and "
+        "a warm-up round per K ran first with `--num-prompts "
+        f"{args.concurrency}`):",
+        "",
+    ]
+    for name in ("online_stock", "online_vtw"):
+        lines += [f"- {name}: `{res[name]['serve_command']}`"]
+        for k, cmd in res[name]["bench_commands"].items():
+            seeds = res[name]["per_k"][k]["seeds"]
+            lines.append(f"  - K={k} (seeds {seeds}): `{cmd}`")
+    return lines
+
+
 def report(results: dict[str, Any], args: argparse.Namespace, meta: dict[str, Any]) -> str:
     """Markdown: per model, the defaults table first, then its bars, groups, eager, online."""
     lines = [
@@ -683,9 +742,10 @@ def report(results: dict[str, Any], args: argparse.Namespace, meta: dict[str, An
         "possible (the cached tokens the engines reported are in the last table); "
         f"{args.repeats} repeats, decode {args.decode_tokens} tokens, KV budget {args.kv_mib} "
         f"MiB, KV-bound {args.kv_bound_requests} requests x {args.kv_bound_tokens} tokens; "
-        f"online: {args.online_requests} streaming requests per round, concurrency "
-        f"{args.concurrency}, {args.online_tokens} tokens each. Figures: median [min-max] "
-        "over the repeats; ratios: VTW / stock of the same run.",
+        f"online (`vllm bench serve`, random-mm): {args.online_requests} streaming chat "
+        f"requests per round, one image and {args.online_text_tokens} random text tokens "
+        f"each, concurrency {args.concurrency}, {args.online_tokens} tokens each. Figures: "
+        "median [min-max] over the repeats; ratios: VTW / stock of the same run.",
         "",
     ]
     for kind in args.models:
@@ -726,23 +786,7 @@ def report(results: dict[str, Any], args: argparse.Namespace, meta: dict[str, An
                 "",
             ]
         if "online_vtw" in res:
-            on_s = res["online_stock"]["per_k"]["None"]
-            lines += [
-                "### Online: vllm serve at defaults",
-                "",
-                "| online | TTFT s | x stock | e2e s | x stock | req/s | x stock |",
-                "|---|---|---|---|---|---|---|",
-            ]
-            rows = [("stock", on_s)] + [
-                (f"VTW K={k}", v) for k, v in res["online_vtw"]["per_k"].items()
-            ]
-            for name, r in rows:
-                lines.append(
-                    f"| {name} | {_fmt(r['ttft_s'], 3)} | {_x(r['ttft_s'], on_s['ttft_s']):.2f}x | "
-                    f"{_fmt(r['e2e_s'], 3)} | {_x(r['e2e_s'], on_s['e2e_s']):.2f}x | "
-                    f"{_fmt(r['req_s'], 2)} | {_x(r['req_s'], on_s['req_s']):.2f}x |"
-                )
-            lines.append("")
+            lines += [*_online_section(res, args), ""]
         lines += [
             "Engines as run (read back from each engine's config; cached tokens: the prefix-"
             "cache hits the engine reported for its timed requests):",
@@ -766,9 +810,11 @@ def report(results: dict[str, Any], args: argparse.Namespace, meta: dict[str, An
         for name in ("online_stock", "online_vtw"):
             if name in res:
                 e = res[name]["engine"]
+                cached = sum(v["cached_tokens"] for v in res[name]["per_k"].values())
                 lines.append(
                     f"| {name} (vllm serve) | {e['enable_prefix_caching']} | "
-                    f"{e['enforce_eager']} | | | | | | | | | {res[name]['child_seconds']:.0f} |"
+                    f"{e['enforce_eager']} | | | | | | | | {cached:.0f} | "
+                    f"{res[name]['child_seconds']:.0f} |"
                 )
         lines.append("")
     lines += [
@@ -854,6 +900,9 @@ def main() -> None:
     parser.add_argument("--online-requests", type=int, default=16)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--online-tokens", type=int, default=16)
+    parser.add_argument(
+        "--online-text-tokens", type=int, default=12, help="random text tokens per request"
+    )
     parser.add_argument("--no-online", action="store_true", help="same as leaving out 'online'")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -879,8 +928,9 @@ def main() -> None:
         results[kind] = {}
         names = [n for n, needed_by in ENGINE_PARTS.items() if any(p in parts for p in needed_by)]
         at_defaults = [n for n in names if not engine_spec(n, 2, []).get("eager")]
-        results[kind] |= _interleaved(kind, at_defaults, args)
-        results[kind] |= _interleaved(kind, [n for n in names if n not in at_defaults], args)
+        for group in (at_defaults, [n for n in names if n not in at_defaults]):
+            if group:  # none: online only
+                results[kind] |= _interleaved(kind, group, args)
         if "online" in parts:
             for name in ("stock", "vtw"):
                 results[kind][f"online_{name}"] = _child("online", kind, name, args)
