@@ -510,6 +510,71 @@ def online(kind: str, spec: dict[str, Any], args: argparse.Namespace) -> dict[st
     }
 
 
+TURN = "SERVING_BENCH_TURN"
+
+
+def _wait_turn() -> None:
+    """In an interleaved child: say "ready" and block until the parent says "go", so that
+    only one engine runs a timed batch at a time and the engines take turns."""
+    if os.environ.get(TURN) == "1":
+        print(TURN, flush=True)
+        if sys.stdin.readline().strip() != "go":
+            raise SystemExit("benchmark parent went away")
+
+
+def _interleaved(kind: str, names: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """Offline engines side by side, one child process each (``vtw_vllm.child_engine``),
+    taking turns batch by batch (round robin): slow drift of the machine's speed hits
+    stock and VTW alike, and no two engines ever run a timed batch at the same time.
+    Start-up and compilation overlap."""
+    import contextlib
+    import tempfile
+
+    print(f"[bench] offline {kind} {' '.join(names)} (interleaved) ...", flush=True)
+    start = time.perf_counter()
+    options = vars(args) | {"out": str(args.out)}
+    target = f"{Path(__file__).resolve()}:offline_child"
+    results: dict[str, Any] = {}
+    with contextlib.ExitStack() as stack:
+        procs, logs = {}, {}
+        for name in names:
+            spec = engine_spec(name, num_layers(kind), args.ks)
+            payload = json.dumps({"target": target, "args": [kind, spec, options]})
+            logs[name] = stack.enter_context(tempfile.TemporaryFile(mode="w+"))
+            procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "vtw_vllm.child_engine", payload],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=logs[name],
+                text=True,
+                env=os.environ | {TURN: "1"},
+            )
+
+        def advance(name: str) -> bool:
+            """Read the child's output up to its next turn request; False when done."""
+            proc = procs[name]
+            for line in proc.stdout:
+                if line.strip() == TURN:
+                    return True
+                if line.startswith(MARKER):
+                    results[name] = json.loads(line[len(MARKER) :])
+                    results[name]["child_seconds"] = time.perf_counter() - start
+            proc.wait()
+            if name not in results:
+                logs[name].seek(0)
+                raise RuntimeError(f"benchmark child {name} failed:\n{logs[name].read()[-5000:]}")
+            return False
+
+        waiting = [name for name in names if advance(name)]  # every engine up and warm
+        while waiting:
+            for name in list(waiting):
+                procs[name].stdin.write("go\n")
+                procs[name].stdin.flush()
+                if not advance(name):
+                    waiting.remove(name)
+    return results
+
+
 def offline_child(kind: str, spec: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
     """:func:`offline`, called in the child process with the parent's options."""
     return offline(kind, spec, argparse.Namespace(**args))
