@@ -72,7 +72,6 @@ from vtw_vllm.child_engine import (
     MARKER,
     held_blocks,
     in_process_engine_core,
-    run_child,
     scheduler,
 )
 
@@ -580,17 +579,12 @@ def offline_child(kind: str, spec: dict[str, Any], args: dict[str, Any]) -> dict
     return offline(kind, spec, argparse.Namespace(**args))
 
 
-def _child(mode: str, kind: str, name: str, args: argparse.Namespace) -> dict[str, Any]:
-    """One engine's part: offline in a fresh process (``vtw_vllm.child_engine``), online
-    here (the server and the load generator are subprocesses already)."""
-    spec = engine_spec(name, num_layers(kind), args.ks)
-    print(f"[bench] {mode} {kind} {name} ...", flush=True)
+def _online(kind: str, name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One engine's online part, run from here (the server and the load generator are
+    subprocesses already)."""
+    print(f"[bench] online {kind} {name} ...", flush=True)
     start = time.perf_counter()
-    if mode == "online":
-        result = online(kind, spec, args)
-    else:
-        options = vars(args) | {"out": str(args.out)}
-        result = run_child(f"{Path(__file__).resolve()}:offline_child", kind, spec, options)
+    result = online(kind, engine_spec(name, num_layers(kind), args.ks), args)
     result["child_seconds"] = time.perf_counter() - start
     return result
 
@@ -970,14 +964,7 @@ def main() -> None:
     )
     parser.add_argument("--no-online", action="store_true", help="same as leaving out 'online'")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        config = json.loads(args.child)
-        run = offline if config["mode"] == "offline" else online
-        child_args = argparse.Namespace(**config["args"])
-        print(MARKER + json.dumps(run(config["kind"], config["spec"], child_args)), flush=True)
-        return
     if args.quick:
         args.repeats, args.decode_tokens, args.kv_bound_requests = 1, 16, 16
         args.parts = args.parts or ["defaults", "groups", "eager"]
@@ -998,7 +985,7 @@ def main() -> None:
                 results[kind] |= _interleaved(kind, group, args)
         if "online" in parts:
             for name in ("stock", "vtw"):
-                results[kind][f"online_{name}"] = _child("online", kind, name, args)
+                results[kind][f"online_{name}"] = _online(kind, name, args)
     results["bars"] = bars(results)
     meta["load_after"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
     meta["wall_s"] = round(time.perf_counter() - started)
