@@ -45,15 +45,14 @@ import importlib.util
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from vtw_vllm.child_engine import in_process_engine_core, run_child, scheduler
+
 HERE = Path(__file__).resolve().parent
-MARKER = "MULTITURN_JSON "
 QUESTIONS = [
     "What is in the picture? Describe it.",
     "What colour is the largest rectangle?",
@@ -93,7 +92,7 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 def measure(vtw: bool, args: argparse.Namespace) -> dict[str, Any]:
     """One engine (child process): the whole workload, its timings, hits and leftover KV."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the scheduler lives in this process
+    in_process_engine_core()  # the scheduler lives in this process
     from vllm import LLM, SamplingParams
 
     from vtw_vllm.testing import make_test_image
@@ -115,7 +114,7 @@ def measure(vtw: bool, args: argparse.Namespace) -> dict[str, Any]:
         disable_log_stats=False,
     )
     engine = llm.llm_engine
-    pool = engine.engine_core.engine_core.scheduler.kv_cache_manager.block_pool
+    pool = scheduler(llm).kv_cache_manager.block_pool
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
 
     def metrics() -> dict[str, float]:
@@ -202,16 +201,16 @@ def measure(vtw: bool, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def measure_child(vtw: bool, args: dict[str, Any]) -> dict[str, Any]:
+    """:func:`measure`, called in the child process with the parent's options."""
+    return measure(vtw, argparse.Namespace(**args))
+
+
 def _child(vtw: bool, args: argparse.Namespace) -> dict[str, Any]:
-    config = json.dumps({"vtw": vtw, "args": vars(args) | {"out": str(args.out)}})
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", config]
     print(f"[multiturn] {'VTW' if vtw else 'stock'} ...", flush=True)
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    for line in proc.stdout.splitlines():
-        if line.startswith(MARKER):
-            return json.loads(line[len(MARKER) :]) | {"child_seconds": time.perf_counter() - start}
-    raise RuntimeError(f"multiturn child failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    result = run_child(f"{Path(__file__).resolve()}:measure_child", vtw, vars(args))
+    return result | {"child_seconds": time.perf_counter() - start}
 
 
 def bars(stock: dict[str, Any], vtw: dict[str, Any]) -> list[dict[str, Any]]:
@@ -328,13 +327,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--kv-mib", type=int, default=256)
     parser.add_argument("--out", type=Path, default=HERE / "results")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        config = json.loads(args.child)
-        result = measure(config["vtw"], argparse.Namespace(**config["args"]))
-        print(MARKER + json.dumps(result), flush=True)
-        return
     if args.quick:
         args.conversations, args.turns = 2, 3
     if args.turns < 2:
