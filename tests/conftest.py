@@ -134,25 +134,24 @@ def served(model_dir: str, args: list[str], log_path) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def vtw_server(tmp_path_factory):
-    """``vllm serve`` on loopback: the tiny LLaVA with VTW, default K=4, layer groups of
-    2 (allowed K 2, 4, 6, 8), a small KV budget. Yields base URL, model and log path."""
+    """``vllm serve DIR --served-model-name llava-vtw`` on loopback, DIR written by
+    ``vtw-vllm prepare`` from the tiny LLaVA (default K=4, allowed K 2, 4, 6, 8): VTW with
+    no ``--hf-overrides``; a small KV budget. Yields base URL, served model name, the
+    source checkpoint (for the reference) and log path."""
+    from vtw_vllm.prepare import prepare
     from vtw_vllm.testing import get_fixture
 
-    model_dir = str(get_fixture("llava"))
-    overrides = {
-        "architectures": ["LlavaVTWForConditionalGeneration"],
-        "vtw_k": 4,
-        "vtw_layer_group_size": 2,
-    }
+    source = str(get_fixture("llava"))
+    model_dir = prepare(source, tmp_path_factory.mktemp("prepared") / "llava-vtw", 4, [2, 4, 6])
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     args = [
+        "--served-model-name", "llava-vtw",
         "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
         "--max-logprobs", "-1", "--kv-cache-memory-bytes", str(SERVER_KV_BYTES),
         "--max-num-seqs", "16", "--limit-mm-per-prompt", json.dumps({"image": 2}),
-        "--hf-overrides", json.dumps(overrides),
     ]  # fmt: skip
-    with served(model_dir, args, log_path) as base:
-        yield {"base": base, "model": model_dir, "log": log_path}
+    with served(str(model_dir), args, log_path) as base:
+        yield {"base": base, "model": "llava-vtw", "source": source, "log": log_path}
 
 
 def data_url(seed: int) -> str:

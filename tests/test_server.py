@@ -11,7 +11,7 @@ from vtw_vllm.testing import make_test_image
 from vtw_vllm.testing.reference import vtw_generate
 
 pytestmark = pytest.mark.engine
-ALLOWED = [2, 4, 6, 8]  # the shared vtw_server's vtw_layer_group_size=2 on 8 layers
+ALLOWED = [2, 4, 6, 8]  # the shared vtw_server: prepared with allowed K [2, 4, 6], N = 8
 QUESTION = "What is in the picture?"
 MAX_TOKENS = 5
 
@@ -53,7 +53,7 @@ def test_chat_per_request_k_matches_reference(vtw_server):
         assert resp.status_code == 200, resp.text
         data = resp.json()
         ref = vtw_generate(
-            vtw_server["model"],
+            vtw_server["source"],
             f"USER: <image>\n{QUESTION} ASSISTANT:",
             [make_test_image(3)],
             4 if k is None else k,
