@@ -1,6 +1,7 @@
 """``vllm serve`` with a VTW video model on loopback, at vLLM's defaults (compiled, prefix
 caching on; only the memory is sized): the tiny LLaVA-NeXT-Video with ``vtw_allowed_k``
-[2, 4] (K = 2, 4 and 8 = N), one server for the module. Chat completions carry an MP4 as
+[2, 4] (K = 2, 4 and 8 = N), one server for the module; and the tiny LLaVA-OneVision the
+same way, for a chat with an image and a video together. Chat completions carry an MP4 as
 a ``video_url`` data URL (decoded by vLLM's default OpenCV loader) and a per-request K in
 ``vllm_xargs``; the tokens equal the transformers reference on the frames the MP4 decodes
 to. The model runs its layers as compiled spans (one per KV group), withdrawal steps too.
@@ -11,9 +12,15 @@ import json
 
 import httpx
 import pytest
-from conftest import metric, served
+from conftest import data_url, metric, served
 
-from vtw_vllm.testing import decode_video, get_fixture, make_test_video, mp4_bytes
+from vtw_vllm.testing import (
+    decode_video,
+    get_fixture,
+    make_test_image,
+    make_test_video,
+    mp4_bytes,
+)
 from vtw_vllm.testing.reference import vtw_generate
 from vtw_vllm.testing.video_files import MP4_FPS
 
@@ -25,23 +32,38 @@ MAX_TOKENS = 5
 SPANS = ("vtw_layers_0_2", "vtw_layers_2_4", "vtw_layers_4_8")  # one per KV group
 
 
-@pytest.fixture(scope="module")
-def video_server(tmp_path_factory):
-    model_dir = str(get_fixture("llava_next_video"))
-    overrides = {
-        "architectures": ["LlavaNextVideoVTWForConditionalGeneration"],
-        "vtw_k": DEFAULT_K,
-        "vtw_allowed_k": [2, 4],
-    }
-    log_path = tmp_path_factory.mktemp("video_server") / "server.log"
+def _serve(kind: str, arch: str, limit: dict, tmp_path_factory):
+    model_dir = str(get_fixture(kind))
+    overrides = {"architectures": [arch], "vtw_k": DEFAULT_K, "vtw_allowed_k": [2, 4]}
+    log_path = tmp_path_factory.mktemp(f"{kind}_server") / "server.log"
     args = [
-        "--dtype", "float32", "--max-model-len", "2048",
-        "--kv-cache-memory-bytes", str(16 * 2**20),
-        "--limit-mm-per-prompt", json.dumps({"video": 1}),
+        "--dtype", "float32", "--max-model-len", "4096",
+        "--kv-cache-memory-bytes", str(32 * 2**20),
+        "--limit-mm-per-prompt", json.dumps(limit),
         "--hf-overrides", json.dumps(overrides),
     ]  # fmt: skip
     with served(model_dir, args, log_path) as base:
         yield {"base": base, "model": model_dir, "log": log_path}
+
+
+@pytest.fixture(scope="module")
+def video_server(tmp_path_factory):
+    yield from _serve(
+        "llava_next_video",
+        "LlavaNextVideoVTWForConditionalGeneration",
+        {"video": 1},
+        tmp_path_factory,
+    )
+
+
+@pytest.fixture(scope="module")
+def onevision_server(tmp_path_factory):
+    yield from _serve(
+        "llava_onevision",
+        "LlavaOnevisionVTWForConditionalGeneration",
+        {"image": 1, "video": 1},
+        tmp_path_factory,
+    )
 
 
 def _video(seed: int) -> bytes:
@@ -49,14 +71,14 @@ def _video(seed: int) -> bytes:
     return mp4_bytes(make_test_video(seed, num_frames=4), MP4_FPS)
 
 
-def _chat(server: dict, video: bytes, vtw_k=None) -> httpx.Response:
+def _chat(server: dict, video: bytes, vtw_k=None, image_seed=None) -> httpx.Response:
     url = "data:video/mp4;base64," + base64.b64encode(video).decode()
+    content = [{"type": "video_url", "video_url": {"url": url}}]
+    if image_seed is not None:
+        content.insert(0, {"type": "image_url", "image_url": {"url": data_url(image_seed)}})
     body = {
         "model": server["model"],
-        "messages": [{"role": "user", "content": [
-            {"type": "video_url", "video_url": {"url": url}},
-            {"type": "text", "text": QUESTION},
-        ]}],
+        "messages": [{"role": "user", "content": [*content, {"type": "text", "text": QUESTION}]}],
         "temperature": 0.0,
         "max_tokens": MAX_TOKENS,
         "return_token_ids": True,
@@ -79,6 +101,31 @@ def test_video_chat_per_request_k_matches_reference(video_server):
             video_server["model"],
             f"USER: <video>\n{QUESTION} ASSISTANT:",
             [],
+            DEFAULT_K if k is None else k,
+            MAX_TOKENS,
+            add_special_tokens=False,
+            videos=[frames],
+        )
+        assert data["prompt_token_ids"] == ref.prompt_token_ids
+        tokens[k] = data["choices"][0]["token_ids"]
+        assert tokens[k] == ref.token_ids, f"vtw_k={k}"
+    assert tokens[2] != tokens[8], "withdrawing at layer 2 should change this tiny model's answer"
+
+
+def test_onevision_image_and_video_chat_matches_reference(onevision_server):
+    """LLaVA-OneVision served: one image and one video in a chat; both are withdrawn at K
+    (every image and video placeholder token), K per request; equal to the reference."""
+    video = _video(13)
+    frames = decode_video(video)
+    tokens = {}
+    for k in (2, None, 8):
+        resp = _chat(onevision_server, video, vtw_k=k, image_seed=5)
+        assert resp.status_code == 200, resp.text
+        data = resp.json()
+        ref = vtw_generate(
+            onevision_server["model"],
+            f"USER: <image>\n<video>\n{QUESTION} ASSISTANT:",
+            [make_test_image(5)],
             DEFAULT_K if k is None else k,
             MAX_TOKENS,
             add_special_tokens=False,
