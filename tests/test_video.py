@@ -91,7 +91,8 @@ def test_video_kv_blocks_follow_formula_and_return():
     """OneVision, image + video and video-only requests at K=4 (KV groups [0, 4) and
     [4, 8)), chunked prefill: at every step the deep group holds blocks for the text
     tokens only, the shallow group for every token; every block returns to the pool; the
-    tokens equal the reference. (First in the module: no other engine is alive.)"""
+    tokens equal the reference; a request aborted mid-prefill returns its blocks too.
+    (First in the module: no other engine is alive.)"""
     kind, block_size, k = "llava_onevision", 32, 4  # CPU_ATTN needs multiples of 32
     model_dir = str(get_fixture(kind))
     overrides = {"architectures": [MODELS[kind]["arch"]], "vtw_k": k, "vtw_allowed_k": [k]}
@@ -110,10 +111,15 @@ def test_video_kv_blocks_follow_formula_and_return():
         free_at_start = pool.get_num_free_blocks()
         for j, i in enumerate((0, 1, 0)):
             llm.llm_engine.add_request(f"r{i}-{j}", _prompt(kind, i), _params())
-        outputs, checked = {}, 0
+        llm.llm_engine.add_request("aborted", _prompt(kind, 1), _params())  # image + video
+        outputs, checked, aborted_at = {}, 0, None
         while llm.llm_engine.has_unfinished_requests():
+            computed = [r.num_computed_tokens for i, r in sched.requests.items() if "abort" in i]
+            if aborted_at is None and computed and computed[0] > 0:  # mid-prefill
+                llm.llm_engine.abort_request(["aborted"])
+                aborted_at = computed[0]
             for out in llm.llm_engine.step():
-                if out.finished:
+                if out.finished and out.request_id != "aborted":
                     outputs[out.request_id] = out
             for req_id, request in sched.requests.items():
                 ranges = vision_ranges(request.mm_features)
@@ -126,6 +132,7 @@ def test_video_kv_blocks_follow_formula_and_return():
                     assert blocks == math.ceil(held / block_size), (req_id, n, deep)
                     checked += 1
         assert checked > 20
+        assert aborted_at is not None and not any("abort" in i for i in sched.requests)
         assert pool.get_num_free_blocks() == free_at_start
     for req_id, out in outputs.items():
         text, spec = MODELS[kind]["requests"][int(req_id[1])]
