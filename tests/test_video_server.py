@@ -1,7 +1,8 @@
-"""``vllm serve`` with a VTW video model on loopback, at vLLM's defaults (compiled, prefix
-caching on; only the memory is sized): the tiny LLaVA-NeXT-Video with ``vtw_allowed_k``
-[2, 4] (K = 2, 4 and 8 = N), one server for the module; and the tiny LLaVA-OneVision the
-same way, for a chat with an image and a video together. Chat completions carry an MP4 as
+"""``vllm serve`` with VTW video models on loopback, ``vtw_allowed_k`` [2, 4] (K = 2, 4 and
+8 = N), one server per model for the module: the tiny LLaVA-OneVision at vLLM's defaults
+(compiled, prefix caching on; only the memory is sized), for a chat with an image and a
+video together, and the tiny LLaVA-NeXT-Video the same way but eager (its compiled path
+is the same layer-span code; one compile fewer keeps CI short). Chat completions carry an MP4 as
 a ``video_url`` data URL (decoded by vLLM's default OpenCV loader) and a per-request K in
 ``vllm_xargs``; the tokens equal the transformers reference on the frames the MP4 decodes
 to. The model runs its layers as compiled spans (one per KV group), withdrawal steps too.
@@ -32,7 +33,7 @@ MAX_TOKENS = 5
 SPANS = ("vtw_layers_0_2", "vtw_layers_2_4", "vtw_layers_4_8")  # one per KV group
 
 
-def _serve(kind: str, arch: str, limit: dict, tmp_path_factory):
+def _serve(kind: str, arch: str, limit: dict, tmp_path_factory, eager: bool = False):
     model_dir = str(get_fixture(kind))
     overrides = {"architectures": [arch], "vtw_k": DEFAULT_K, "vtw_allowed_k": [2, 4]}
     log_path = tmp_path_factory.mktemp(f"{kind}_server") / "server.log"
@@ -41,6 +42,7 @@ def _serve(kind: str, arch: str, limit: dict, tmp_path_factory):
         "--kv-cache-memory-bytes", str(32 * 2**20),
         "--limit-mm-per-prompt", json.dumps(limit),
         "--hf-overrides", json.dumps(overrides),
+        *(["--enforce-eager"] if eager else []),
     ]  # fmt: skip
     with served(model_dir, args, log_path) as base:
         yield {"base": base, "model": model_dir, "log": log_path}
@@ -53,6 +55,7 @@ def video_server(tmp_path_factory):
         "LlavaNextVideoVTWForConditionalGeneration",
         {"video": 1},
         tmp_path_factory,
+        eager=True,
     )
 
 
@@ -147,11 +150,11 @@ def test_bad_vtw_k_is_http_400_and_server_keeps_serving(video_server, bad):
     assert good.status_code == 200, good.text
 
 
-def test_served_compiled_with_one_span_per_kv_group(video_server):
+def test_served_compiled_with_one_span_per_kv_group(onevision_server):
     """Not eager: the engine ran with vLLM's compile mode, and each layer span (a vLLM
     compiled unit of its own, which every step runs, withdrawal steps included) was
     compiled, or loaded from vLLM's compile cache when an earlier run compiled it."""
-    log = video_server["log"].read_text()
+    log = onevision_server["log"].read_text()
     assert "enforce_eager=False" in log and "CompilationMode.DYNAMO_TRACE_ONCE" in log
     for span in SPANS:
         compiled = f"[{span}] saved AOT compiled function" in log

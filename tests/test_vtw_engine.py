@@ -1,7 +1,7 @@
 """VTW on the real vLLM engine (CPU) against stock vLLM and the transformers reference.
 
-One VTW engine per fixture with ``vtw_layer_group_size=1`` (every K allowed), so a
-single engine serves every K through ``SamplingParams.extra_args``. Stock and VTW run
+One VTW engine per fixture with ``vtw_allowed_k`` [1, 4, 7] (K = 1, N/2, N-1 and N), so a
+single engine serves every K tested through ``SamplingParams.extra_args``. Stock and VTW run
 at vLLM's defaults here (torch.compile on, prefix caching on for stock), not eager.
 """
 
@@ -15,6 +15,7 @@ from vtw_vllm.testing.reference import vtw_generate
 
 pytestmark = pytest.mark.engine
 NUM_LAYERS = 8
+ALLOWED_K = [1, NUM_LAYERS // 2, NUM_LAYERS - 1]  # and N: 4 KV groups, 4 compiled spans
 MAX_TOKENS = 6
 # (prompt, image seeds, image size): images at different offsets, two images, no image.
 REQUESTS = [
@@ -57,7 +58,7 @@ COMPILED = dict(enforce_eager=False)
 
 def _engine_args(arch: str) -> dict:
     return dict(
-        hf_overrides={"architectures": [arch], "vtw_layer_group_size": 1},
+        hf_overrides={"architectures": [arch], "vtw_allowed_k": ALLOWED_K},
         limit_mm_per_prompt={"image": 2},
         **COMPILED,
     )
@@ -110,7 +111,7 @@ def test_vtw_changes_image_requests_only(vtw_llava, stock_outputs):
 
 
 def test_mixed_k_batch_equals_solo_runs(vtw_llava):
-    indices, ks = [0, 1, 2, 3, 4, 0], [2, 5, NUM_LAYERS, 3, 7, 6]
+    indices, ks = [0, 1, 2, 3, 4, 0], [4, 1, NUM_LAYERS, 7, 4, 1]
     batch = _generate(vtw_llava, indices, ks)
     for i, k, out in zip(indices, ks, batch, strict=True):
         (solo,) = _generate(vtw_llava, [i], [k])
@@ -166,9 +167,9 @@ def test_compiled_path_is_taken(vtw_llava):
     counts do not recompile. The engine is not eager."""
     assert vtw_llava.llm_engine.vllm_config.model_config.enforce_eager is False
     (before,) = vtw_llava.apply_model(_compile_state)
-    _generate(vtw_llava, [0, 3], [2, 2])  # image prefill withdraws; text + decode do not
+    _generate(vtw_llava, [0, 3], [4, 4])  # image prefill withdraws; text + decode do not
     (after,) = vtw_llava.apply_model(_compile_state)
-    assert before["spans"] == [(i, 1) for i in range(NUM_LAYERS)], before  # group size 1
+    assert before["spans"] == [(0, 1), (1, 3), (4, 3), (7, 1)], before  # one per KV group
     assert all(before["compiled"]), before
     assert after["dynamo_graphs"] == before["dynamo_graphs"] > 0, (before, after)
     assert after["withdrawal"] > before["withdrawal"]
@@ -183,7 +184,7 @@ def test_bad_k_past_the_front_end_fails_that_request_alone(vtw_llava):
 
     engine = vtw_llava.llm_engine
     request = engine.input_processor.process_inputs(
-        "direct-bad-k", _prompt(0), _params(2), ("generate",)
+        "direct-bad-k", _prompt(0), _params(4), ("generate",)
     )
     request.sampling_params.extra_args = {"vtw_k": 99}
     engine.engine_core.add_request(request)
@@ -191,5 +192,5 @@ def test_bad_k_past_the_front_end_fails_that_request_alone(vtw_llava):
     assert [(o.request_id, o.finish_reason) for o in outputs] == [
         ("direct-bad-k", FinishReason.ERROR)
     ]
-    (good,) = _generate(vtw_llava, [0], [2])
+    (good,) = _generate(vtw_llava, [0], [4])
     assert len(good.outputs[0].token_ids) == MAX_TOKENS
