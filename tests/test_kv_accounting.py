@@ -207,3 +207,35 @@ def test_prompt_ending_with_an_image_and_prompt_logprobs(engine):
     (out,) = engine.generate(_prompts()[2], with_prompt_logprobs(2))  # no image
     assert out.prompt_logprobs is not None
     assert pool.get_num_free_blocks() == free_at_start
+
+
+def test_resumed_request_below_its_first_prefix_hit_runs_its_image_again(engine):
+    """vLLM 0.32 sends a new request's worker no data for images its prefix hit covers.
+    Preempted, with the prefix cache and the image's encoder output gone, the request
+    restarts below the image and its encoder must run again: vLLM's V1 runner alone stops
+    the engine here ("Encoder cache miss"); see :mod:`vtw_vllm.resumed_mm_inputs`."""
+    llm, sched = engine.llm_engine, _scheduler(engine)
+    question = " ".join(["Describe every shape in the picture, its colour and place."] * 3)
+    first = {
+        "prompt": f"USER: <image>\n{question} ASSISTANT:",
+        "multi_modal_data": {"image": make_test_image(50)},
+    }
+    other = {**first, "multi_modal_data": {"image": make_test_image(51)}}
+    (alone,) = engine.generate(first, _params())  # its blocks and encoder output stay cached
+
+    def computed(name: str) -> int:  # the engine's request ids carry a suffix
+        (request,) = [r for i, r in sched.requests.items() if i.startswith(name)]
+        return request.num_computed_tokens
+
+    llm.add_request("resumed", first, _params())
+    llm.step()  # a hit past the image: the whole prompt ran in one 256-token step
+    assert computed("resumed") == len(alone.prompt_token_ids)
+    llm.add_request("evicter", other, _params())
+    llm.step()  # its image evicts the first image's encoder output (room for one image)
+    assert computed("evicter") > 0
+    assert llm.reset_prefix_cache(reset_running_requests=True)  # preempts both
+    outputs = {}
+    while llm.has_unfinished_requests():
+        outputs.update({out.request_id: out for out in llm.step() if out.finished})
+    assert sched.requests == {} and sched.kv_cache_manager.block_pool.get_num_free_blocks() > 0
+    assert outputs["resumed"].outputs[0].token_ids == alone.outputs[0].token_ids

@@ -161,3 +161,23 @@ def test_prefix_cache_internals_vtw_uses():
 
 def test_runner_dispatch_hook():
     assert "force_eager" in _params(GPUModelRunner._determine_batch_execution_and_padding)
+
+
+def test_resumed_mm_inputs_reaches():
+    """What :mod:`vtw_vllm.resumed_mm_inputs` relies on: the scheduler output carries an
+    extra attribute to the workers (they receive it pickled), the runner's
+    ``_update_states`` hook, and the stripping it repairs (gone: drop the module)."""
+    import pickle
+
+    from vllm.v1.core.sched.output import NewRequestData, SchedulerOutput
+
+    from vtw_vllm.resumed_mm_inputs import ATTRIBUTE
+
+    output = SchedulerOutput.make_empty()
+    setattr(output, ATTRIBUTE, {"r": []})
+    assert getattr(pickle.loads(pickle.dumps(output)), ATTRIBUTE) == {"r": []}
+    assert _params(GPUModelRunner._update_states) == ["self", "scheduler_output"]
+    assert "strip_covered_mm_data" in inspect.getsource(NewRequestData.from_request)
+    assert "if mm_feature.data is None" in inspect.getsource(
+        GPUModelRunner._batch_mm_inputs_from_scheduler
+    )

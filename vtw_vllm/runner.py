@@ -31,6 +31,7 @@ from vllm.v1.worker.utils import AttentionGroup
 
 from vtw_vllm.config import VTWConfig
 from vtw_vllm.engine_config import SUPPORTED_ATTENTION_BACKENDS
+from vtw_vllm.resumed_mm_inputs import restore_resumed_mm_features
 from vtw_vllm.step_plan import (
     FORWARD_CONTEXT_KEY,
     BatchVision,
@@ -244,6 +245,11 @@ class VTWModelRunnerMixin:
             for name in self.kv_cache_config.kv_cache_groups[gid].layer_names:
                 by_layer[name] = slot_mapping
         return by_gid, by_layer
+
+    def _update_states(self, scheduler_output):
+        result = super()._update_states(scheduler_output)
+        restore_resumed_mm_features(scheduler_output, self.requests)  # see that module
+        return result
 
     def _model_forward(self, *args, **kwargs):
         if self._vtw_model_plan is not None:

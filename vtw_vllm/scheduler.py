@@ -21,6 +21,7 @@ from vllm.v1.request import Request
 
 from vtw_vllm.config import VTWConfig
 from vtw_vllm.kv_cache import VTWManager
+from vtw_vllm.resumed_mm_inputs import attach_resumed_mm_features
 from vtw_vllm.vision_ranges import RequestVision, request_vtw_info
 
 
@@ -43,6 +44,11 @@ class VTWSchedulerMixin:
             info = request_vtw_info(self.vtw_config, request.sampling_params, request.mm_features)
             self._vtw_requests[request_id] = info
         return info
+
+    def schedule(self, *args, **kwargs):
+        output = super().schedule(*args, **kwargs)
+        attach_resumed_mm_features(output, self.requests)  # a vLLM 0.32 fix, see there
+        return output
 
     def _vtw_managers(self) -> list[VTWManager]:
         return self.kv_cache_manager.coordinator.single_type_managers

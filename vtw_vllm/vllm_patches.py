@@ -37,6 +37,8 @@ Other reaches, each guarded in ``tests/test_vllm_patches.py``:
 - ``__class__`` swaps: vLLM's ``Attention`` layers become
   :class:`~vtw_vllm.models.llava_vtw.VTWAttention`, the VTW groups' ``AttentionGroup``
   objects :class:`~vtw_vllm.runner.VTWAttentionGroup`;
+- ``Scheduler.schedule`` and the runner's ``_update_states`` carry a resumed request's
+  multimodal data to the worker (:mod:`vtw_vllm.resumed_mm_inputs`, a vLLM 0.32 fix);
 - ``Scheduler._free_blocks`` (the scheduler forgets a request's VTW info there) and the
   KV manager methods :class:`~vtw_vllm.kv_cache.VTWManager` translates.
 """
