@@ -8,13 +8,15 @@ and processors with an 8-layer, 512-wide Llama, so that the language model domin
 request is one video of ``--frames`` frames (16: 2304 video tokens) and a short question.
 
 Two engines, each in its own child process (in-process engine core, so the scheduler is
-readable), one after the other: stock and VTW with ``vtw_allowed_k`` [N/2, N] (two KV
-groups), measured at K = N/2 and K = N (per-request ``extra_args``). Both at vLLM's
-defaults: neither ``enforce_eager`` nor ``enable_prefix_caching`` is passed (what each
-engine ran with is read back and reported); only the KV budget, context length, dtype and
-``limit_mm_per_prompt`` are set, the same for both. Every request carries a video its
-engine has never seen (a fresh seed per request, warm-up and repeats included), so the
-prefix cache cannot hit; the cached tokens the engines report must be 0.
+readable), side by side and taking turns batch by batch (``benchmarks/serving/run.py``'s
+``interleaved``, so the machine's drift hits both alike): stock and VTW with
+``vtw_allowed_k`` [N/2, N] (two KV groups), measured at K = N/2 and K = N (per-request
+``extra_args``). Both at vLLM's defaults: neither ``enforce_eager`` nor
+``enable_prefix_caching`` is passed (what each engine ran with is read back and
+reported); only the KV budget, context length, dtype and ``limit_mm_per_prompt`` are
+set, the same for both. Every request carries a video its engine has never seen (a fresh
+seed per request, warm-up and repeats included), so the prefix cache cannot hit; the
+cached tokens the engines report must be 0.
 
 Per K: prefill throughput (prompt tokens/s of a batch, timed until every request has its
 first token), decode throughput (the same batch after that, ``ignore_eos``), the KV
@@ -138,8 +140,8 @@ class FreshVideos:
 
 def offline(name: str, arg_dict: dict[str, Any]) -> dict[str, Any]:
     """One engine (a child process, :mod:`vtw_vllm.child_engine`): every measurement for
-    every K it serves."""
-    from vllm import LLM, SamplingParams
+    every K it serves (``benchmarks/serving/run.py``'s ``measure_engine``)."""
+    from vllm import LLM
 
     from vtw_vllm import child_engine
 
@@ -158,108 +160,18 @@ def offline(name: str, arg_dict: dict[str, Any]) -> dict[str, Any]:
         limit_mm_per_prompt={"video": 1},
         seed=0,
     )
-    engine = llm.llm_engine
-    sched = child_engine.scheduler(llm)
-    layers_per_group = [len(g.layer_names) for g in sched.kv_cache_config.kv_cache_groups]
     videos = FreshVideos(args.frames)
 
     def prompts(count: int) -> list[dict[str, Any]]:
         return [{"prompt": PROMPT, "multi_modal_data": {"video": v}} for v in videos.take(count)]
 
-    def params(k: int | None, max_tokens: int) -> SamplingParams:
-        extra = {"vtw_k": k} if k is not None else None
-        return SamplingParams(
-            temperature=0.0, max_tokens=max_tokens, ignore_eos=True, extra_args=extra
-        )
-
-    def run_batch(k: int | None, max_tokens: int, batch: list[dict[str, Any]]) -> dict[str, Any]:
-        """Add the batch (preprocessing its videos), then time the engine steps: prefill
-        until every request has its first token, decode after that."""
-        tag = f"t{time.perf_counter_ns()}"
-        for i, prompt in enumerate(batch):
-            engine.add_request(f"{tag}x{i}", prompt, params(k, max_tokens))
-        start = time.perf_counter()
-        prefilled: float | None = None
-        generated_at_prefill = running_at_prefill = peak = 0
-        finished = []
-        while engine.has_unfinished_requests():
-            finished += [out for out in engine.step() if out.finished]
-            peak = max(peak, len(sched.running))
-            if prefilled is None and all(r.num_output_tokens >= 1 for r in sched.requests.values()):
-                prefilled = time.perf_counter()
-                running_at_prefill = len(sched.running)
-                generated_at_prefill = sum(r.num_output_tokens for r in sched.requests.values())
-        end = time.perf_counter()
-        prefilled = prefilled or end
-        return {
-            "seconds": end - start,
-            "prefill_s": prefilled - start,
-            "decode_s": end - prefilled,
-            "decode_tokens": len(batch) * max_tokens - generated_at_prefill,
-            "running_at_prefill": running_at_prefill,
-            "peak_running": peak,
-            "prompt_tokens": sum(len(out.prompt_token_ids) for out in finished),
-            "cached_tokens": sum(out.num_cached_tokens or 0 for out in finished),
-        }
-
-    def kv_blocks(k: int | None) -> list[int]:
-        """Blocks per KV group that one request holds right after its prefill."""
-        engine.add_request(f"kv{k}", prompts(1)[0], params(k, 2))
-        held: list[int] = []
-        while engine.has_unfinished_requests():
-            engine.step()
-            for rid, request in sched.requests.items():
-                if request.num_output_tokens >= 1 and not held:
-                    held = child_engine.held_blocks(sched, rid)
-        return held
-
-    ks = spec["ks"]
-    for k in ks:  # warm-up: each K's path at the timed shapes
-        run_batch(k, 4, prompts(args.batch))
-    runs: dict[str, list[dict[str, Any]]] = {str(k): [] for k in ks}
-    for _ in range(args.repeats):  # alternate the Ks so drift hits them alike
-        for k in ks:
-            run = run_batch(k, 1 + args.decode_tokens, prompts(args.batch))
-            if run["running_at_prefill"] != args.batch:  # else "decode" times a second wave
-                raise RuntimeError(
-                    f"{run['running_at_prefill']} of {args.batch} requests running after "
-                    "prefill: raise --kv-mib so the timed batch fits stock and VTW alike"
-                )
-            runs[str(k)].append(run)
-    per_k: dict[str, dict[str, Any]] = {}
-    for k in ks:
-        rs = runs[str(k)]
-        bound = run_batch(k, args.kv_bound_tokens, prompts(args.kv_bound_requests))
-        blocks = kv_blocks(k)
-        per_k[str(k)] = {
-            "prefill_tok_s": serving._stats([r["prompt_tokens"] / r["prefill_s"] for r in rs]),
-            "decode_tok_s": serving._stats([r["decode_tokens"] / r["decode_s"] for r in rs]),
-            "kv_blocks": blocks,
-            "kv_layer_blocks": sum(b * m for b, m in zip(blocks, layers_per_group, strict=True)),
-            "kv_bound_req_s": args.kv_bound_requests / bound["seconds"],
-            "kv_bound_peak_running": bound["peak_running"],
-            "cached_tokens": sum(r["cached_tokens"] for r in rs) + bound["cached_tokens"],
-        }
     return {
         "name": name,
         "spec": spec,
         "engine": serving.engine_settings(llm),
         "num_layers": n,
-        "layers_per_group": layers_per_group,
-        "prompt_tokens_per_request": runs[str(ks[0])][0]["prompt_tokens"] // args.batch,
-        "per_k": per_k,
+        **serving.measure_engine(llm, spec["ks"], prompts, args),
     }
-
-
-def _child(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    """One engine in a fresh process: it has the machine to itself and frees all it held."""
-    from vtw_vllm.child_engine import run_child
-
-    print(f"[video bench] {name} ...", flush=True)
-    start = time.perf_counter()
-    result = run_child(f"{Path(__file__).resolve()}:offline", name, vars(args), cwd=REPO)
-    result["child_seconds"] = time.perf_counter() - start
-    return result
 
 
 def bars(stock: dict[str, Any], vtw: dict[str, Any]) -> list[dict[str, Any]]:
@@ -377,7 +289,11 @@ def main() -> None:
     meta = serving.run_meta("benchmarks/video.py")
     started = time.perf_counter()
     video_checkpoint()
-    results: dict[str, Any] = {name: _child(name, args) for name in ("stock", "vtw")}
+    print("[video bench] stock and vtw (interleaved) ...", flush=True)
+    target = f"{Path(__file__).resolve()}:offline"
+    results: dict[str, Any] = serving.interleaved(
+        {name: (target, [name, vars(args) | {"out": str(args.out)}]) for name in ("stock", "vtw")}
+    )
     results["bars"] = bars(results["stock"], results["vtw"])
     meta["load_after"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
     meta["wall_s"] = round(time.perf_counter() - started)

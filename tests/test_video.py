@@ -1,12 +1,13 @@
 """VTW for the video-capable LLaVA family on the real vLLM engine (CPU).
 
 LLaVA-NeXT-Video (Llama; one video per prompt, vLLM serves no images for it) and
-LLaVA-OneVision (Qwen2; images and videos, together in one prompt too), on their tiny
-fixtures. Every position of an image or video placeholder is withdrawn at K (pooled frame
-tokens, OneVision's newline after a video and its image newline rows). Per model: one
-stock engine and one VTW engine (``vtw_layer_group_size=1``: every K), both eager with a
-small KV cache; K = N equals stock, K < N equals the transformers reference, and a batch
-of mixed K equals its requests run alone.
+LLaVA-OneVision (Qwen2; images and videos, together in one prompt too, and two images in one
+prompt), on their tiny fixtures. Every position of an image or video placeholder is
+withdrawn at K (pooled frame tokens, OneVision's newline after a video and its image
+newline rows). Per model: one stock engine and one VTW engine
+(``vtw_layer_group_size=1``: every K), both eager with a small KV cache; K = N equals
+stock, K < N equals the transformers reference, and a batch of mixed K equals its
+requests run alone.
 """
 
 import math
@@ -23,7 +24,8 @@ NUM_LAYERS = 8
 MAX_TOKENS = 6
 TEXT_ONLY = ("USER: Tell me a short story about a red triangle. ASSISTANT:", {})
 
-# (prompt, media): media maps "image" to (seed, size) and "video" to (seed, frames, size).
+# (prompt, media): media maps "image" to [(seed, size), ...] and "video" to
+# (seed, frames, size).
 MODELS = {
     "llava_next_video": {
         "arch": "LlavaNextVideoVTWForConditionalGeneration",
@@ -40,21 +42,25 @@ MODELS = {
     },
     "llava_onevision": {
         "arch": "LlavaOnevisionVTWForConditionalGeneration",
-        "limit": {"image": 1, "video": 1},
+        "limit": {"image": 2, "video": 1},
         "requests": [
             ("USER: <video>\nWhat happens in the video? ASSISTANT:", {"video": (0, 4, (336, 336))}),
             (
                 "USER: <image>\n<video>\nDoes the video show the picture? ASSISTANT:",
-                {"image": (2, (384, 384)), "video": (3, 3, (384, 384))},  # 1485 + 589 tokens
+                {"image": [(2, (384, 384))], "video": (3, 3, (384, 384))},  # 1485 + 589 tokens
             ),
             TEXT_ONLY,
+            (
+                "USER: <image>\n<image>\nWhich picture has more shapes? ASSISTANT:",
+                {"image": [(4, (336, 336)), (5, (336, 336))]},  # two images, each anyres
+            ),
         ],
     },
 }
 
 
 def _media(spec: dict) -> tuple[list, list]:
-    images = [make_test_image(spec["image"][0], size=spec["image"][1])] if "image" in spec else []
+    images = [make_test_image(seed, size=size) for seed, size in spec.get("image", [])]
     videos = []
     if "video" in spec:
         seed, frames, size = spec["video"]
@@ -68,7 +74,7 @@ def _prompt(kind: str, i: int) -> dict:
     prompt = {"prompt": text}
     data = {}
     if images:
-        data["image"] = images[0]
+        data["image"] = images[0] if len(images) == 1 else images
     if videos:
         data["video"] = videos[0]
     if data:
@@ -91,7 +97,10 @@ def test_video_kv_blocks_follow_formula_and_return():
     """OneVision, image + video and video-only requests at K=4 (KV groups [0, 4) and
     [4, 8)), chunked prefill: at every step the deep group holds blocks for the text
     tokens only, the shallow group for every token; every block returns to the pool; the
-    tokens equal the reference; a request aborted mid-prefill returns its blocks too.
+    tokens equal the reference; a request aborted mid-prefill returns its blocks too. Once
+    a request is decoding, every running request is preempted (vLLM's
+    ``_preempt_request``, through ``reset_prefix_cache(reset_running_requests=True)``,
+    which also empties the prefix cache) and recomputes its video from token 0.
     (First in the module: no other engine is alive.)"""
     kind, block_size, k = "llava_onevision", 32, 4  # CPU_ATTN needs multiples of 32
     model_dir = str(get_fixture(kind))
@@ -112,12 +121,17 @@ def test_video_kv_blocks_follow_formula_and_return():
         for j, i in enumerate((0, 1, 0)):
             llm.llm_engine.add_request(f"r{i}-{j}", _prompt(kind, i), _params())
         llm.llm_engine.add_request("aborted", _prompt(kind, 1), _params())  # image + video
-        outputs, checked, aborted_at = {}, 0, None
+        outputs, checked, aborted_at, preempted = {}, 0, None, set()
         while llm.llm_engine.has_unfinished_requests():
             computed = [r.num_computed_tokens for i, r in sched.requests.items() if "abort" in i]
             if aborted_at is None and computed and computed[0] > 0:  # mid-prefill
                 llm.llm_engine.abort_request(["aborted"])
                 aborted_at = computed[0]
+            decoding = [r for r in sched.running if r.num_output_tokens >= 2]
+            if not preempted and decoding:  # vLLM's preemption of every running request
+                assert llm.llm_engine.reset_prefix_cache(reset_running_requests=True)
+                preempted = {r.request_id for r in sched.requests.values() if r.num_preemptions}
+                assert decoding[0].request_id in preempted
             for out in llm.llm_engine.step():
                 if out.finished and out.request_id != "aborted":
                     outputs[out.request_id] = out
@@ -133,6 +147,7 @@ def test_video_kv_blocks_follow_formula_and_return():
                     checked += 1
         assert checked > 20
         assert aborted_at is not None and not any("abort" in i for i in sched.requests)
+        assert len(preempted) >= 2  # a video request mid-decode, another mid-prefill at least
         assert pool.get_num_free_blocks() == free_at_start
     for req_id, out in outputs.items():
         text, spec = MODELS[kind]["requests"][int(req_id[1])]

@@ -91,19 +91,23 @@ def _chat(server: dict, video: bytes, vtw_k=None, image_seed=None) -> httpx.Resp
     return httpx.post(f"{server['base']}/v1/chat/completions", json=body, timeout=300)
 
 
-def test_video_chat_per_request_k_matches_reference(video_server):
-    video = _video(11)
+def _assert_per_request_k_matches_reference(server: dict, seed: int, image_seed=None) -> None:
+    """A chat with one video (and an image) at K = 2, the default 4 and N: the served
+    prompt and tokens equal the transformers reference's, and K = 2 changes the answer."""
+    video = _video(seed)
     frames = decode_video(video)
     assert frames.shape == (4, 336, 336, 3)
+    images = [] if image_seed is None else [make_test_image(image_seed)]
+    prompt = "USER: " + "<image>\n" * len(images) + f"<video>\n{QUESTION} ASSISTANT:"
     tokens = {}
     for k in (2, None, 8):  # None: the deployment's default K = 4
-        resp = _chat(video_server, video, vtw_k=k)
+        resp = _chat(server, video, vtw_k=k, image_seed=image_seed)
         assert resp.status_code == 200, resp.text
         data = resp.json()
         ref = vtw_generate(
-            video_server["model"],
-            f"USER: <video>\n{QUESTION} ASSISTANT:",
-            [],
+            server["model"],
+            prompt,
+            images,
             DEFAULT_K if k is None else k,
             MAX_TOKENS,
             add_special_tokens=False,
@@ -113,31 +117,16 @@ def test_video_chat_per_request_k_matches_reference(video_server):
         tokens[k] = data["choices"][0]["token_ids"]
         assert tokens[k] == ref.token_ids, f"vtw_k={k}"
     assert tokens[2] != tokens[8], "withdrawing at layer 2 should change this tiny model's answer"
+
+
+def test_video_chat_per_request_k_matches_reference(video_server):
+    _assert_per_request_k_matches_reference(video_server, 11)
 
 
 def test_onevision_image_and_video_chat_matches_reference(onevision_server):
     """LLaVA-OneVision served: one image and one video in a chat; both are withdrawn at K
     (every image and video placeholder token), K per request; equal to the reference."""
-    video = _video(13)
-    frames = decode_video(video)
-    tokens = {}
-    for k in (2, None, 8):
-        resp = _chat(onevision_server, video, vtw_k=k, image_seed=5)
-        assert resp.status_code == 200, resp.text
-        data = resp.json()
-        ref = vtw_generate(
-            onevision_server["model"],
-            f"USER: <image>\n<video>\n{QUESTION} ASSISTANT:",
-            [make_test_image(5)],
-            DEFAULT_K if k is None else k,
-            MAX_TOKENS,
-            add_special_tokens=False,
-            videos=[frames],
-        )
-        assert data["prompt_token_ids"] == ref.prompt_token_ids
-        tokens[k] = data["choices"][0]["token_ids"]
-        assert tokens[k] == ref.token_ids, f"vtw_k={k}"
-    assert tokens[2] != tokens[8], "withdrawing at layer 2 should change this tiny model's answer"
+    _assert_per_request_k_matches_reference(onevision_server, 13, image_seed=5)
 
 
 @pytest.mark.parametrize("bad", [3, 0, 9, "4"])

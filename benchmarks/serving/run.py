@@ -64,6 +64,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -231,7 +232,7 @@ def engine_settings(llm: Any) -> dict[str, Any]:
 def offline(kind: str, spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """One engine (child process): every measurement for every K it serves."""
     in_process_engine_core()  # the scheduler lives in this process
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
 
     eager = {"enforce_eager": True, "enable_prefix_caching": False} if spec["eager"] else {}
     llm = LLM(
@@ -243,13 +244,39 @@ def offline(kind: str, spec: dict[str, Any], args: argparse.Namespace) -> dict[s
         seed=0,
         **eager,
     )
-    engine = llm.llm_engine
-    sched = scheduler(llm)
-    layers_per_group = [len(g.layer_names) for g in sched.kv_cache_config.kv_cache_groups]
     images = FreshImages(kind)
 
     def prompts(n: int) -> list[dict[str, Any]]:
         return [{"prompt": PROMPT, "multi_modal_data": {"image": im}} for im in images.take(n)]
+
+    return {
+        "kind": kind,
+        "spec": spec,
+        "overrides": _overrides(kind, spec),
+        "engine": engine_settings(llm),
+        "num_layers": llm.llm_engine.vllm_config.model_config.hf_text_config.num_hidden_layers,
+        **measure_engine(llm, spec["ks"], prompts, args, kv_bound=spec["kv_bound"]),
+    }
+
+
+def measure_engine(
+    llm: Any,
+    ks: list[int | None],
+    prompts: Callable[[int], list[dict[str, Any]]],
+    args: argparse.Namespace,
+    kv_bound: bool = True,
+) -> dict[str, Any]:
+    """Every offline measurement of one engine for every K it serves (shared with
+    ``benchmarks/video.py``). ``prompts(n)`` gives n requests, each with media the engine
+    has not seen. Per K: a warm-up batch, then ``args.repeats`` timed batches of
+    ``args.batch`` requests (the Ks alternate, and in an interleaved run each batch waits
+    for its turn), and with ``kv_bound`` the KV-bound run and the blocks one request
+    holds."""
+    from vllm import SamplingParams
+
+    engine = llm.llm_engine
+    sched = scheduler(llm)
+    layers_per_group = [len(g.layer_names) for g in sched.kv_cache_config.kv_cache_groups]
 
     def params(k: int | None, max_tokens: int) -> SamplingParams:
         extra = {"vtw_k": k} if k is not None else None
@@ -258,7 +285,7 @@ def offline(kind: str, spec: dict[str, Any], args: argparse.Namespace) -> dict[s
         )
 
     def run_batch(k: int | None, max_tokens: int, batch: list[dict[str, Any]]) -> dict[str, Any]:
-        """Add the batch (preprocessing its images), then time the engine steps: prefill
+        """Add the batch (preprocessing its media), then time the engine steps: prefill
         until every request has its first token, decode after that."""
         tag = f"t{time.perf_counter_ns()}"
         for i, prompt in enumerate(batch):
@@ -303,7 +330,6 @@ def offline(kind: str, spec: dict[str, Any], args: argparse.Namespace) -> dict[s
                     held = held_blocks(sched, rid)
         return held
 
-    ks = spec["ks"]
     for k in ks:  # warm-up: each K's path (compiled or withdrawing) at the timed shapes
         run_batch(k, 4, prompts(args.batch))
     runs: dict[str, list[dict[str, Any]]] = {str(k): [] for k in ks}
@@ -328,7 +354,7 @@ def offline(kind: str, spec: dict[str, Any], args: argparse.Namespace) -> dict[s
             "decode_ms_per_step": _stats([r["decode_step_ms"] for r in rs]),
             "cached_tokens": sum(r["cached_tokens"] for r in rs),
         }
-        if spec["kv_bound"]:  # many requests at once, a budget that holds only a few stock ones
+        if kv_bound:  # many requests at once, a budget that holds only a few stock ones
             _wait_turn()
             bound = run_batch(k, args.kv_bound_tokens, prompts(args.kv_bound_requests))
             blocks = kv_blocks(k)
@@ -342,16 +368,9 @@ def offline(kind: str, spec: dict[str, Any], args: argparse.Namespace) -> dict[s
             }
             entry["cached_tokens"] += bound["cached_tokens"]
         per_k[str(k)] = entry
-    settings = engine_settings(llm)
-    first = runs[str(ks[0])][0]
     return {
-        "kind": kind,
-        "spec": spec,
-        "overrides": _overrides(kind, spec),
-        "engine": settings,
-        "num_layers": engine.vllm_config.model_config.hf_text_config.num_hidden_layers,
         "layers_per_group": layers_per_group,
-        "prompt_tokens_per_request": first["prompt_tokens"] // args.batch,
+        "prompt_tokens_per_request": runs[str(ks[0])][0]["prompt_tokens"] // args.batch,
         "per_k": per_k,
     }
 
@@ -521,24 +540,21 @@ def _wait_turn() -> None:
             raise SystemExit("benchmark parent went away")
 
 
-def _interleaved(kind: str, names: list[str], args: argparse.Namespace) -> dict[str, Any]:
-    """Offline engines side by side, one child process each (``vtw_vllm.child_engine``),
-    taking turns batch by batch (round robin): slow drift of the machine's speed hits
-    stock and VTW alike, and no two engines ever run a timed batch at the same time.
-    Start-up and compilation overlap."""
+def interleaved(jobs: dict[str, tuple[str, list[Any]]]) -> dict[str, Any]:
+    """Offline engines side by side, one child process each (``vtw_vllm.child_engine``;
+    ``jobs``: name -> (target, arguments)), taking turns batch by batch (round robin:
+    every timed batch of :func:`measure_engine` waits for its turn): slow drift of the
+    machine's speed hits stock and VTW alike, and no two engines ever run a timed batch
+    at the same time. Start-up and compilation overlap."""
     import contextlib
     import tempfile
 
-    print(f"[bench] offline {kind} {' '.join(names)} (interleaved) ...", flush=True)
     start = time.perf_counter()
-    options = vars(args) | {"out": str(args.out)}
-    target = f"{Path(__file__).resolve()}:offline_child"
     results: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:
         procs, logs = {}, {}
-        for name in names:
-            spec = engine_spec(name, num_layers(kind), args.ks)
-            payload = json.dumps({"target": target, "args": [kind, spec, options]})
+        for name, (target, job_args) in jobs.items():
+            payload = json.dumps({"target": target, "args": job_args}, default=str)
             logs[name] = stack.enter_context(tempfile.TemporaryFile(mode="w+"))
             procs[name] = subprocess.Popen(
                 [sys.executable, "-m", "vtw_vllm.child_engine", payload],
@@ -548,6 +564,7 @@ def _interleaved(kind: str, names: list[str], args: argparse.Namespace) -> dict[
                 text=True,
                 env=os.environ | {TURN: "1"},
             )
+        names = list(jobs)
 
         def advance(name: str) -> bool:
             """Read the child's output up to its next turn request; False when done."""
@@ -572,6 +589,16 @@ def _interleaved(kind: str, names: list[str], args: argparse.Namespace) -> dict[
                 if not advance(name):
                     waiting.remove(name)
     return results
+
+
+def _interleaved(kind: str, names: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """This script's offline engines for one checkpoint, interleaved."""
+    print(f"[bench] offline {kind} {' '.join(names)} (interleaved) ...", flush=True)
+    options = vars(args) | {"out": str(args.out)}
+    target = f"{Path(__file__).resolve()}:offline_child"
+    return interleaved(
+        {n: (target, [kind, engine_spec(n, num_layers(kind), args.ks), options]) for n in names}
+    )
 
 
 def offline_child(kind: str, spec: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
