@@ -49,12 +49,18 @@ def bytes_per_block(sched: Any) -> list[int]:
     return [g.kv_cache_spec.page_size_bytes * len(g.layer_names) for g in groups]
 
 
+def child_command(target: str, *args: Any) -> list[str]:
+    """The command line that runs ``target(*args)`` in a fresh interpreter (see
+    :func:`run_child`; the benchmarks' interleaved runs start it themselves)."""
+    payload = json.dumps({"target": target, "args": list(args)}, default=str)
+    return [sys.executable, "-m", "vtw_vllm.child_engine", payload]
+
+
 def run_child(target: str, *args: Any, cwd: str | Path | None = None) -> Any:
     """``target(*args)`` in a fresh interpreter; its return value. ``target`` is
     ``module:function`` or ``path/to/script.py:function``; ``args`` must be JSON-able
     (paths are sent as strings)."""
-    payload = json.dumps({"target": target, "args": list(args)}, default=str)
-    cmd = [sys.executable, "-m", "vtw_vllm.child_engine", payload]
+    cmd = child_command(target, *args)
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(MARKER):

@@ -39,11 +39,12 @@ reports for the timed requests (``RequestOutput.num_cached_tokens``; online, the
 ``add_request``, before the clock starts.
 
 Each offline engine runs in its own child process (``vtw_vllm.child_engine``: in-process
-engine core, so the scheduler is readable), one after the other; the repeats alternate
-the K values. Time on 2 CPU cores: ~12 min for the default run (LLaVA-1.5-shaped only:
-six engines, two servers); ``--quick`` (one repeat, shorter batches, no online part)
-4-7 min; each extra model adds about as much again. Timings need an otherwise idle
-machine: the report flags a busy one.
+engine core, so the scheduler is readable); the engines of a part run side by side and
+take turns batch by batch (:func:`interleaved`), and each engine alternates its K
+values. Time on 2 CPU cores: ~12 min for the default run (LLaVA-1.5-shaped only: six
+engines, two servers); ``--quick`` (one repeat, shorter batches, no online part) 4-7
+min; each extra model adds about as much again. Timings need an otherwise idle machine:
+the report flags a busy one.
 
 The checkpoint is a benchmark-sized variant of the tiny fixture (same tokenizer, tower
 and image processor; a 512-wide, 8-layer llama), so that, as in a real LLaVA, the
@@ -71,6 +72,7 @@ from typing import Any
 
 from vtw_vllm.child_engine import (
     MARKER,
+    child_command,
     held_blocks,
     in_process_engine_core,
     scheduler,
@@ -554,10 +556,9 @@ def interleaved(jobs: dict[str, tuple[str, list[Any]]]) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         procs, logs = {}, {}
         for name, (target, job_args) in jobs.items():
-            payload = json.dumps({"target": target, "args": job_args}, default=str)
             logs[name] = stack.enter_context(tempfile.TemporaryFile(mode="w+"))
             procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "vtw_vllm.child_engine", payload],
+                child_command(target, *job_args),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=logs[name],
