@@ -1,6 +1,6 @@
 """LLaVA-NeXT-Video: stock vLLM vs VTW, both at vLLM's defaults, in one run.
 
-    python benchmarks/video.py [--frames 16] [--batch 4] [--repeats 5] [--kv-mib 160]
+    python benchmarks/video.py [--frames 16] [--batch 4] [--repeats 9] [--kv-mib 160]
 
 A LLaVA-NeXT-Video-shaped benchmark checkpoint built here (random weights: the answers mean
 nothing, the cost is real): the tiny fixture's CLIP tower, pooling (144 tokens per frame)
@@ -265,7 +265,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--frames", type=int, default=16, help="frames per video (144 tokens)")
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--kv-mib", type=int, default=160)
     parser.add_argument("--kv-bound-requests", type=int, default=12)
