@@ -86,10 +86,6 @@ def chat_prompt(history: list[tuple[str, str]], question: str) -> str:
     return text
 
 
-def _stats(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
 def measure(vtw: bool, args: argparse.Namespace) -> dict[str, Any]:
     """One engine (child process): the whole workload, its timings, hits and leftover KV."""
     in_process_engine_core()  # the scheduler lives in this process
@@ -187,9 +183,9 @@ def measure(vtw: bool, args: argparse.Namespace) -> dict[str, Any]:
         "engine": run.engine_settings(llm),
         "turns": turns,
         "follow_up": {
-            "e2e_s": _stats([r["e2e_s"] for r in reqs]),
-            "ttft_s": _stats([r["ttft_s"] for r in reqs]),
-            "turn_wall_s": _stats([turn["wall_s"] for turn in follow]),
+            "e2e_s": run._stats([r["e2e_s"] for r in reqs]),
+            "ttft_s": run._stats([r["ttft_s"] for r in reqs]),
+            "turn_wall_s": run._stats([turn["wall_s"] for turn in follow]),
             "hit_rate": sum(turn["hits"] for turn in follow) / queries if queries else 0.0,
             "queries": queries,
             "hit_rate_requests": sum(r["cached_tokens"] for r in reqs) / prompt_tokens,
