@@ -104,14 +104,17 @@ def whole_ratio(
     )
 
 
-LLAVA_7B = Shape("LLaVA-NeXT-Video-7B", 32, 4096, 11008)
+LLAVA_NEXT_VIDEO_7B = Shape("LLaVA-NeXT-Video-7B", 32, 4096, 11008)
 CLIP_L_336 = Tower("CLIP ViT-L/14-336", 23, 1024, 4096, 577, 4096)  # feature layer -2
 # (LM, tower, images or frames, LM tokens each, text tokens, K): the video benchmark's
 # request (16 frames, 2x2-pooled to 144 tokens) on the real 7B shape, and one image.
 WHOLE_MODELS = [
-    (LLAVA_7B, CLIP_L_336, 16, 144, 60, 16),
+    (LLAVA_NEXT_VIDEO_7B, CLIP_L_336, 16, 144, 60, 16),
     (Shape("LLaVA-1.5-7B", 32, 4096, 11008), CLIP_L_336, 1, 576, 60, 16),
 ]
+
+# The video benchmark's checkpoint (built by benchmarks/video.py, which names it from here).
+VIDEO_BENCH_CHECKPOINT = "bench-llava_next_video-d512-v1"
 
 PAPER_MODELS = [
     (Shape("LLaVA-1.5-7B", 32, 4096, 11008), 576, 60, 16),
@@ -136,6 +139,7 @@ def table(rows: list[tuple[Shape, int, int, int]]) -> str:
 
 
 def whole_table(rows: list[tuple[Shape, Tower, int, int, int, int]]) -> str:
+    """The bounds of :data:`WHOLE_MODELS`-style rows, language model only and whole."""
     lines = [
         "| model | tower | images or frames x LM tokens + text | K | LM only | with the "
         "vision side | speed-up bound |",
@@ -161,7 +165,7 @@ def main() -> None:
 
         fixture = Shape.from_checkpoint(get_fixture("llava"), "tiny LLaVA-1.5 fixture")
         rows.append((fixture, 576, 14, fixture.num_layers // 2))
-        bench = default_cache_dir() / "bench-llava_next_video-d512-v1"  # benchmarks/video.py
+        bench = default_cache_dir() / VIDEO_BENCH_CHECKPOINT
         if (bench / "config.json").is_file():  # its request: 16 frames and 23 text tokens
             shape = Shape.from_checkpoint(bench, "video benchmark checkpoint")
             tower = Tower.from_checkpoint(bench, "tiny CLIP")

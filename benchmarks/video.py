@@ -75,7 +75,7 @@ def video_checkpoint() -> Path:
 
     from vtw_vllm.testing import default_cache_dir, fixtures
 
-    out = default_cache_dir() / "bench-llava_next_video-d512-v1"
+    out = default_cache_dir() / flops.VIDEO_BENCH_CHECKPOINT
     if (out / "config.json").is_file():
         return out
     tokenizer = fixtures._video_tokenizer()

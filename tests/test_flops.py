@@ -9,7 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from flops import (  # noqa: E402
     CLIP_L_336,
-    LLAVA_7B,
+    LLAVA_NEXT_VIDEO_7B,
     PAPER_MODELS,
     Shape,
     Tower,
@@ -40,13 +40,13 @@ def test_paper_models_save_about_45_percent(model):
 
 
 def test_vision_side_lowers_the_bound_and_k_equals_n_is_stock():
-    assert whole_ratio(LLAVA_7B, CLIP_L_336, 16, 144, 60, 32) == 1.0
+    assert whole_ratio(LLAVA_NEXT_VIDEO_7B, CLIP_L_336, 16, 144, 60, 32) == 1.0
     lm_only, whole = (
-        ratio(LLAVA_7B, 16 * 144, 60, 16),
-        whole_ratio(LLAVA_7B, CLIP_L_336, 16, 144, 60, 16),
+        ratio(LLAVA_NEXT_VIDEO_7B, 16 * 144, 60, 16),
+        whole_ratio(LLAVA_NEXT_VIDEO_7B, CLIP_L_336, 16, 144, 60, 16),
     )
     side = tower_flops(CLIP_L_336, 16, 144)
-    stock = prefill_flops(LLAVA_7B, 16 * 144, 60)
+    stock = prefill_flops(LLAVA_NEXT_VIDEO_7B, 16 * 144, 60)
     assert whole == pytest.approx((lm_only * stock + side) / (stock + side))
     assert lm_only < whole < 1.0
 
