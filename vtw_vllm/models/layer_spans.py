@@ -7,11 +7,10 @@ unit of its own (``@support_torch_compile``, its own model tag), and the row gat
 between two spans. vLLM's precedent is Gemma3n's ``kv_sharing_fast_prefill``: a self- and
 a cross-decoder compiled separately, the second on fewer rows.
 
-A step that withdraws rows runs the spans, fewer rows after each gather, without CUDA
-graphs (the runner dispatches it so). A step without withdrawal runs one more unit built
-here, over all layers (on CUDA it replays its piecewise CUDA graphs): calling one compiled
-unit per KV group cost 0.7-2 ms of host time per extra group and decode step on the CPU
-build.
+Every step runs through the spans. A step without withdrawal runs them back to back (on
+CUDA each span replays its piecewise CUDA graphs); a step that withdraws rows runs the
+same compiled code on fewer rows after each gather, without CUDA graphs (the runner
+dispatches it so).
 
 Each span is its own class: vLLM keys its AOT compile cache by the qualified name of the
 compiled ``forward``, so spans sharing one class would load each other's artifacts.
@@ -60,8 +59,7 @@ def _span_class(start: int, end: int) -> type[_LayerSpanBase]:
 def make_layer_spans(
     vllm_config, layers: Sequence[nn.Module], starts: Sequence[int], prefix: str
 ) -> list[_LayerSpanBase]:
-    """One compiled span per KV layer group; ``starts`` are the groups' first layers
-    (``[0]``: one unit over all layers)."""
+    """One compiled span per KV layer group; ``starts`` are the groups' first layers."""
     from vllm.compilation.backends import set_model_tag
 
     bounds = [*starts, len(layers)]

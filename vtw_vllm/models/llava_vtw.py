@@ -8,11 +8,12 @@ deeper layers run on the rest with their ORIGINAL positions (the paper's "Keep" 
 The rows that leave the last layer are scattered back so the runner's logits indexing of
 the original flat batch is unchanged.
 
-A step that withdraws rows runs the decoder layers as compiled spans, one per KV layer
-group (:mod:`vtw_vllm.models.layer_spans`), with the row gather between spans and without
-CUDA graphs (the runner dispatches it so). A step with nothing to withdraw (every decode
-step, text-only prefill, K = N) runs one compiled unit over all layers instead, in its
-piecewise CUDA graphs on a GPU; see the README's feature table.
+Every step runs the decoder layers as compiled spans, one per KV layer group
+(:mod:`vtw_vllm.models.layer_spans`), with the row gather between spans; a step with
+nothing to withdraw (every decode step, text-only prefill) runs the spans back to back,
+in their piecewise CUDA graphs on a GPU. A step that withdraws rows runs the same
+compiled spans without CUDA graphs (the runner dispatches it so); see the README's
+feature table.
 """
 
 from __future__ import annotations
@@ -62,17 +63,6 @@ class VTWModelMixin:
             vllm_config, text_model.layers, self.vtw_config.group_starts, prefix or "model"
         )
         self._vtw_span_starts = {span.start for span in self._vtw_spans}
-        # A step that withdraws nothing (every decode step, any step at K = N) runs all
-        # layers as one more compiled unit: each span call costs host time every step
-        # (0.7-2 ms per extra KV group on the CPU build). Eager engines and one-group
-        # layouts have nothing to gain. The engine's first run (vLLM's warm-up or
-        # profiling run) runs the spans too, so that no request compiles them.
-        self._vtw_all_layers = None
-        if len(self._vtw_spans) > 1 and not self._vtw_spans[0].do_not_compile:
-            (self._vtw_all_layers,) = make_layer_spans(
-                vllm_config, text_model.layers, [0], prefix or "model"
-            )
-        self._vtw_spans_run = False
         # On CUDA, vLLM hands back the output of a compiled unit's last CUDA graph as a
         # weak reference; the next span's graphs may reuse that memory (as Gemma3n notes).
         self._vtw_clone_between_spans = vllm_config.device_config.device_type == "cuda"
@@ -97,12 +87,6 @@ class VTWModelMixin:
         withdrawals = dict(plan.withdrawals) if plan is not None else {}
         if not withdrawals.keys() <= self._vtw_span_starts:
             raise RuntimeError(f"withdrawal at layers {sorted(withdrawals)}: not all span starts")
-        if not withdrawals and self._vtw_all_layers is not None and self._vtw_spans_run:
-            hidden, residual = self._vtw_all_layers(positions, hidden, residual)
-            return text_model.norm(hidden, residual)[0]
-        if not withdrawals and self._vtw_all_layers is not None:  # the first run: both
-            self._vtw_all_layers(positions, hidden, residual)
-        self._vtw_spans_run = True
         last = len(self._vtw_spans) - 1
         for i, span in enumerate(self._vtw_spans):
             keep_index = withdrawals.get(span.start)
