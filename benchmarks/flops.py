@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
@@ -104,21 +104,22 @@ def whole_ratio(
     )
 
 
-LLAVA_NEXT_VIDEO_7B = Shape("LLaVA-NeXT-Video-7B", 32, 4096, 11008)
+LLAVA_15_7B = Shape("LLaVA-1.5-7B", 32, 4096, 11008)  # Vicuna-7B, as in the NeXT models
+LLAVA_NEXT_VIDEO_7B = replace(LLAVA_15_7B, name="LLaVA-NeXT-Video-7B")
 CLIP_L_336 = Tower("CLIP ViT-L/14-336", 23, 1024, 4096, 577, 4096)  # feature layer -2
 # (LM, tower, images or frames, LM tokens each, text tokens, K): the video benchmark's
 # request (16 frames, 2x2-pooled to 144 tokens) on the real 7B shape, and one image.
 WHOLE_MODELS = [
     (LLAVA_NEXT_VIDEO_7B, CLIP_L_336, 16, 144, 60, 16),
-    (Shape("LLaVA-1.5-7B", 32, 4096, 11008), CLIP_L_336, 1, 576, 60, 16),
+    (LLAVA_15_7B, CLIP_L_336, 1, 576, 60, 16),
 ]
 
 # The video benchmark's checkpoint (built by benchmarks/video.py, which names it from here).
 VIDEO_BENCH_CHECKPOINT = "bench-llava_next_video-d512-v1"
 
 PAPER_MODELS = [
-    (Shape("LLaVA-1.5-7B", 32, 4096, 11008), 576, 60, 16),
-    (Shape("LLaVA-NeXT-7B", 32, 4096, 11008), 2880, 60, 16),
+    (LLAVA_15_7B, 576, 60, 16),
+    (replace(LLAVA_15_7B, name="LLaVA-NeXT-7B"), 2880, 60, 16),
     (Shape("LLaVA-1.5-13B", 40, 5120, 13824), 576, 60, 20),
 ]
 
