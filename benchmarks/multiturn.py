@@ -30,7 +30,7 @@ Measured per engine, over the follow-up turns (turn 2 on):
   (usable blocks - free blocks; cached-but-unreferenced blocks count as free) and the
   ``vllm:kv_cache_usage_perc`` gauge. Both must be 0.
 
-Engines: the LLaVA-1.5-shaped benchmark checkpoint of ``benchmarks/serving/run.py``
+Engines: the LLaVA-1.5-shaped benchmark checkpoint of ``benchmarks/serving/common.py``
 (``bench_checkpoint("llava")``); VTW with ``vtw_k`` N/2 and ``vtw_allowed_k`` [N/2, N]
 (two KV groups). Neither engine is passed ``enforce_eager`` or ``enable_prefix_caching``;
 what each ran with is read back from its config and reported. Each engine runs in its own
@@ -67,9 +67,9 @@ QUESTIONS = [
 ]
 
 
-def serving() -> ModuleType:
-    """benchmarks/serving/run.py (its checkpoint, engine read-back and run metadata)."""
-    spec = importlib.util.spec_from_file_location("serving_run", HERE / "serving" / "run.py")
+def serving_common() -> ModuleType:
+    """benchmarks/serving/common.py (its checkpoint, engine read-back and run metadata)."""
+    spec = importlib.util.spec_from_file_location("serving_common", HERE / "serving" / "common.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -93,15 +93,15 @@ def measure(vtw: bool, args: argparse.Namespace) -> dict[str, Any]:
 
     from vtw_vllm.testing import make_test_image
 
-    run = serving()
-    n = run.num_layers("llava")
+    common = serving_common()
+    n = common.num_layers("llava")
     overrides: dict[str, Any] = {
         "architectures": [f"Llava{'VTW' if vtw else ''}ForConditionalGeneration"]
     }
     if vtw:
         overrides |= {"vtw_k": n // 2, "vtw_allowed_k": [n // 2, n]}
     llm = LLM(
-        model=str(run.bench_checkpoint("llava")),
+        model=str(common.bench_checkpoint("llava")),
         hf_overrides=overrides,
         kv_cache_memory_bytes=args.kv_mib * 2**20,
         max_model_len=4096,
@@ -180,12 +180,12 @@ def measure(vtw: bool, args: argparse.Namespace) -> dict[str, Any]:
         "vtw_k": n // 2 if vtw else None,
         "num_layers": n,
         "overrides": overrides,
-        "engine": run.engine_settings(llm),
+        "engine": common.engine_settings(llm),
         "turns": turns,
         "follow_up": {
-            "e2e_s": run._stats([r["e2e_s"] for r in reqs]),
-            "ttft_s": run._stats([r["ttft_s"] for r in reqs]),
-            "turn_wall_s": run._stats([turn["wall_s"] for turn in follow]),
+            "e2e_s": common.stats([r["e2e_s"] for r in reqs]),
+            "ttft_s": common.stats([r["ttft_s"] for r in reqs]),
+            "turn_wall_s": common.stats([turn["wall_s"] for turn in follow]),
             "hit_rate": sum(turn["hits"] for turn in follow) / queries if queries else 0.0,
             "queries": queries,
             "hit_rate_requests": sum(r["cached_tokens"] for r in reqs) / prompt_tokens,
@@ -328,15 +328,15 @@ def main() -> None:
         args.conversations, args.turns = 2, 3
     if args.turns < 2:
         parser.error("--turns must be at least 2 (a first turn and a follow-up)")
-    run = serving()
-    run.bench_checkpoint("llava")
-    meta = run.run_meta("benchmarks/multiturn.py")
+    common = serving_common()
+    common.bench_checkpoint("llava")
+    meta = common.run_meta("benchmarks/multiturn.py")
     started = time.perf_counter()
     results: dict[str, Any] = {"stock": _child(False, args), "vtw": _child(True, args)}
     results["bars"] = bars(results["stock"], results["vtw"])
     meta["load_after"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
     meta["wall_s"] = round(time.perf_counter() - started)
-    text = report(results, args, run.meta_line(meta))
+    text = report(results, args, common.meta_line(meta))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "multiturn.md").write_text(text)
     (args.out / "multiturn.json").write_text(json.dumps({"meta": meta, **results}, indent=1))

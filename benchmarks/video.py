@@ -8,7 +8,7 @@ and processors with an 8-layer, 512-wide Llama, so that the language model domin
 request is one video of ``--frames`` frames (16: 2304 video tokens) and a short question.
 
 Two engines, each in its own child process (in-process engine core, so the scheduler is
-readable), side by side and taking turns batch by batch (``benchmarks/serving/run.py``'s
+readable), side by side and taking turns batch by batch (``benchmarks/serving/common.py``'s
 ``interleaved``, so the machine's drift hits both alike): stock and VTW with
 ``vtw_allowed_k`` [N/2, N] (two KV groups), measured at K = N/2 and K = N (per-request
 ``extra_args``). Both at vLLM's defaults: neither ``enforce_eager`` nor
@@ -58,7 +58,7 @@ def _load(name: str, path: Path) -> Any:
     return module
 
 
-serving = _load("serving_run", REPO / "benchmarks" / "serving" / "run.py")  # shared helpers
+serving = _load("serving_common", REPO / "benchmarks" / "serving" / "common.py")  # shared helpers
 flops = _load("flops", REPO / "benchmarks" / "flops.py")
 
 
@@ -80,7 +80,7 @@ def video_checkpoint() -> Path:
         return out
     tokenizer = fixtures._video_tokenizer()
     common = fixtures._common_config(tokenizer)
-    text = common["text_config"]  # as benchmarks/serving/run.py's image checkpoints
+    text = common["text_config"]  # as benchmarks/serving/common.py's image checkpoints
     text.hidden_size, text.intermediate_size = 512, 1408
     text.num_attention_heads, text.num_key_value_heads = 8, 4
     text.initializer_range = 0.02
@@ -140,7 +140,7 @@ class FreshVideos:
 
 def offline(name: str, arg_dict: dict[str, Any]) -> dict[str, Any]:
     """One engine (a child process, :mod:`vtw_vllm.child_engine`): every measurement for
-    every K it serves (``benchmarks/serving/run.py``'s ``measure_engine``)."""
+    every K it serves (``benchmarks/serving/common.py``'s ``measure_engine``)."""
     from vllm import LLM
 
     from vtw_vllm import child_engine
@@ -179,7 +179,7 @@ def bars(stock: dict[str, Any], vtw: dict[str, Any]) -> list[dict[str, Any]]:
     base = stock["per_k"]["None"]
     out = []
     for metric, op, bar in BARS:
-        value = serving._x(vtw["per_k"][str(k)][metric], base[metric])
+        value = serving.over(vtw["per_k"][str(k)][metric], base[metric])
         ok = value <= bar if op == "<=" else value >= bar
         out.append({"k": k, "metric": metric, "ratio": value, "op": op, "bar": bar, "pass": ok})
     return out
@@ -193,7 +193,7 @@ def report(results: dict[str, Any], args: argparse.Namespace, meta: dict[str, An
     shape = flops.Shape.from_checkpoint(video_checkpoint())
     tower = flops.Tower.from_checkpoint(video_checkpoint())
     text_tokens = tokens - video_tokens
-    _fmt, _x = serving._fmt, serving._x
+    fmt, over = serving.fmt, serving.over
     lines = [
         "# Video benchmark: stock vLLM vs VTW on LLaVA-NeXT-Video, both at vLLM's defaults",
         "",
@@ -227,13 +227,13 @@ def report(results: dict[str, Any], args: argparse.Namespace, meta: dict[str, An
             else (1.0, 1.0)
         )
         lines.append(
-            f"| {name} | {_fmt(r['prefill_tok_s'], 0)} | "
-            f"{_x(r['prefill_tok_s'], s['prefill_tok_s']):.2f}x | {lm:.2f}x / {whole:.2f}x | "
-            f"{_fmt(r['decode_tok_s'])} | {_x(r['decode_tok_s'], s['decode_tok_s']):.2f}x | "
+            f"| {name} | {fmt(r['prefill_tok_s'], 0)} | "
+            f"{over(r['prefill_tok_s'], s['prefill_tok_s']):.2f}x | {lm:.2f}x / {whole:.2f}x | "
+            f"{fmt(r['decode_tok_s'])} | {over(r['decode_tok_s'], s['decode_tok_s']):.2f}x | "
             f"{r['kv_blocks']} | {r['kv_layer_blocks']} | "
-            f"{_x(r['kv_layer_blocks'], s['kv_layer_blocks']):.2f}x | "
+            f"{over(r['kv_layer_blocks'], s['kv_layer_blocks']):.2f}x | "
             f"{fit} | {r['kv_bound_req_s']:.3f} | "
-            f"{_x(r['kv_bound_req_s'], s['kv_bound_req_s']):.2f}x |"
+            f"{over(r['kv_bound_req_s'], s['kv_bound_req_s']):.2f}x |"
         )
     lines += ["", f"Bars (K = {vtw['num_layers'] // 2} = N/2, both at defaults):", ""]
     for b in results["bars"]:
