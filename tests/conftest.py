@@ -33,12 +33,47 @@ if os.environ.get("VTW_TEST_DTYPE"):
     ENGINE_DEFAULTS["dtype"] = os.environ["VTW_TEST_DTYPE"]
 
 
+# One line per engine start (in-process, multi-process or `vllm serve`), printed at the end
+# of the run with its seconds, so a new start shows in every CI log.
+ENGINE_STARTS: list[tuple[str, str, float]] = []
+
+
+def _clear_vllm_envs_cache() -> None:
+    """vLLM caches its environment variables once an engine core has started in this
+    process (``enable_envs_cache``); the next engine must read the variables afresh."""
+    import vllm.envs as envs
+
+    if envs._is_envs_cache_enabled():
+        envs.__getattr__.cache_clear()
+
+
 @contextlib.contextmanager
-def vllm_engine(model: str, **overrides) -> Iterator["object"]:
-    """Start a real vLLM ``LLM`` and shut it down afterwards, freeing its processes."""
+def vllm_engine(model: str, multiprocess: bool = False, **overrides) -> Iterator["object"]:
+    """Start a real vLLM ``LLM`` and shut it down afterwards.
+
+    In-process by default: the engine core runs in this process (vLLM's
+    ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, the same ``EngineCore``, scheduler and runner),
+    which starts in seconds instead of the ~15 s of a fresh engine-core process, and lets a
+    test read the scheduler (``llm.llm_engine.engine_core.engine_core.scheduler``) between
+    steps. ``multiprocess=True`` for what only the engine-core process does (e.g. turning a
+    bad request into an error output instead of raising); ``vllm serve`` and the demo
+    always run multi-process."""
     from vllm import LLM
 
-    llm = LLM(model=model, **{**ENGINE_DEFAULTS, **overrides})
+    old = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocess else "0"
+    _clear_vllm_envs_cache()
+    start = time.monotonic()
+    try:
+        llm = LLM(model=model, **{**ENGINE_DEFAULTS, **overrides})
+    finally:
+        if old is None:
+            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
+        else:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = old
+        _clear_vllm_envs_cache()
+    kind = "multi-process" if multiprocess else "in-process"
+    ENGINE_STARTS.append((kind, os.path.basename(model), time.monotonic() - start))
     try:
         yield llm
     finally:
@@ -47,20 +82,11 @@ def vllm_engine(model: str, **overrides) -> Iterator["object"]:
         gc.collect()
 
 
-@contextlib.contextmanager
-def in_process_engine(model: str, **overrides) -> Iterator["object"]:
-    """:func:`vllm_engine` with the engine core in this process, so a test can read the
-    scheduler (``llm.llm_engine.engine_core.engine_core.scheduler``) between steps."""
-    old = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    try:
-        with vllm_engine(model, **overrides) as llm:
-            yield llm
-    finally:
-        if old is None:
-            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
-        else:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = old
+def pytest_terminal_summary(terminalreporter) -> None:
+    total = sum(seconds for _, _, seconds in ENGINE_STARTS)
+    terminalreporter.section(f"engine starts: {len(ENGINE_STARTS)}, {total:.0f} s")
+    for kind, model, seconds in ENGINE_STARTS:
+        terminalreporter.write_line(f"{seconds:6.1f} s  {kind:<13} {model}")
 
 
 def first_logprobs(output) -> torch.Tensor:
@@ -113,8 +139,9 @@ def served(model_dir: str, args: list[str], log_path) -> Iterator[str]:
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
+    started = time.monotonic()
     try:
-        deadline = time.monotonic() + 300
+        deadline = started + 300
         while True:
             if proc.poll() is not None:
                 pytest.fail(f"vllm serve exited:\n{log_path.read_text()[-3000:]}")
@@ -126,6 +153,8 @@ def served(model_dir: str, args: list[str], log_path) -> Iterator[str]:
             if time.monotonic() > deadline:
                 pytest.fail(f"vllm serve did not start:\n{log_path.read_text()[-3000:]}")
             time.sleep(2)
+        seconds = time.monotonic() - started
+        ENGINE_STARTS.append(("vllm serve", os.path.basename(model_dir), seconds))
         yield base
     finally:
         proc.terminate()

@@ -10,7 +10,7 @@ with an image) at K <= 4 (<= 40 blocks per image request) but not at K = 6 (58) 
 import math
 
 import pytest
-from conftest import in_process_engine
+from conftest import vllm_engine
 
 from vtw_vllm.testing import get_fixture, make_test_image
 from vtw_vllm.testing.reference import vtw_generate
@@ -22,7 +22,7 @@ K, BLOCK_SIZE, MAX_TOKENS = 4, 32, 5  # CPU_ATTN needs multiples of 32
 
 @pytest.fixture(scope="module")
 def engine():
-    with in_process_engine(
+    with vllm_engine(
         str(get_fixture("llava")),
         hf_overrides={
             "architectures": ["LlavaVTWForConditionalGeneration"],

@@ -14,7 +14,7 @@ and every block must be back in the pool at the end.
 """
 
 import pytest
-from conftest import assert_close, in_process_engine
+from conftest import assert_close, vllm_engine
 
 from vtw_vllm.testing import get_fixture, make_test_image
 from vtw_vllm.testing.reference import vtw_generate
@@ -70,7 +70,7 @@ def _params(k: int | None = None):
 
 @pytest.fixture(scope="module")
 def engine():
-    with in_process_engine(
+    with vllm_engine(
         str(get_fixture("llava")),
         hf_overrides={
             "architectures": ["LlavaVTWForConditionalGeneration"],

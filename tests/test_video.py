@@ -13,7 +13,7 @@ requests run alone.
 import math
 
 import pytest
-from conftest import assert_close, first_logprobs, in_process_engine, vllm_engine
+from conftest import assert_close, first_logprobs, vllm_engine
 
 from vtw_vllm.testing import get_fixture, make_test_image, make_test_video
 from vtw_vllm.testing.reference import vtw_generate
@@ -69,7 +69,10 @@ def _media(spec: dict) -> tuple[list, list]:
 
 
 def _prompt(kind: str, i: int) -> dict:
-    text, spec = MODELS[kind]["requests"][i]
+    return _request(*MODELS[kind]["requests"][i])
+
+
+def _request(text: str, spec: dict) -> dict:
     images, videos = _media(spec)
     prompt = {"prompt": text}
     data = {}
@@ -105,7 +108,7 @@ def test_video_kv_blocks_follow_formula_and_return():
     kind, block_size, k = "llava_onevision", 32, 4  # CPU_ATTN needs multiples of 32
     model_dir = str(get_fixture(kind))
     overrides = {"architectures": [MODELS[kind]["arch"]], "vtw_k": k, "vtw_allowed_k": [k]}
-    with in_process_engine(
+    with vllm_engine(
         model_dir,
         limit_mm_per_prompt=MODELS[kind]["limit"],
         hf_overrides=overrides,
@@ -165,7 +168,9 @@ def model(request):
     limit = MODELS[kind]["limit"]
     indices = list(range(len(MODELS[kind]["requests"])))
     with vllm_engine(model_dir, limit_mm_per_prompt=limit) as llm:
-        stock = _generate(llm, kind, indices, [None] * len(indices))
+        # One request at a time: stock vLLM 0.32's OneVision dies when two videos of
+        # different frame counts share an encoder step (see the test below).
+        stock = [_generate(llm, kind, [i], [None])[0] for i in indices]
     overrides = {"architectures": [MODELS[kind]["arch"]], "vtw_layer_group_size": 1}
     with vllm_engine(model_dir, limit_mm_per_prompt=limit, hf_overrides=overrides) as llm:
         yield kind, model_dir, stock, llm
@@ -218,3 +223,41 @@ def test_mixed_k_batch_equals_solo_runs(model):
         (solo,) = _generate(llm, kind, [i], [k])
         assert out.outputs[0].token_ids == solo.outputs[0].token_ids, f"{kind} request {i}, K={k}"
         assert_close(first_logprobs(out), first_logprobs(solo), atol=1e-4, what="logprobs")
+
+
+# Two videos of 4 and 3 frames that no other test sends (no prefix or encoder cache hit).
+TWO_VIDEOS = [
+    ("USER: <video>\nWhat happens in the video? ASSISTANT:", {"video": (7, 4, (336, 336))}),
+    ("USER: <video>\nDescribe the motion. ASSISTANT:", {"video": (6, 3, (336, 336))}),
+]
+
+
+def test_two_videos_of_different_frame_counts_in_one_encoder_step(model):
+    """vLLM 0.32's LLaVA-OneVision returns ``[1, n, d]`` per video when one encoder step
+    holds videos of different frame counts (``[n, d]`` when the counts are equal), and the
+    engine dies in ``sanity_check_mm_encoder_outputs``: stock vLLM 0.32 has this defect.
+    The VTW class returns one 2-D tensor per video. Here two such videos are scheduled in
+    ONE step, every time (read from the scheduler, not left to chance), and both answers
+    equal the reference."""
+    kind, model_dir, _, llm = model
+    k = 2
+    requests = TWO_VIDEOS
+    sched = llm.llm_engine.engine_core.engine_core.scheduler
+    encoder_steps = []
+    schedule = sched.schedule
+
+    def recording_schedule(*args, **kwargs):
+        output = schedule(*args, **kwargs)
+        encoder_steps.append(sorted(output.scheduled_encoder_inputs))
+        return output
+
+    sched.schedule = recording_schedule
+    try:
+        outputs = llm.generate([_request(*r) for r in requests], [_params(k)] * 2)
+    finally:
+        del sched.schedule  # back to the class's method
+    assert [len(ids) for ids in encoder_steps if ids] == [2], encoder_steps  # one step, both
+    for (text, spec), out in zip(requests, outputs, strict=True):
+        images, videos = _media(spec)
+        ref = vtw_generate(model_dir, text, images, k, MAX_TOKENS, videos=videos)
+        assert list(out.outputs[0].token_ids) == ref.token_ids, (kind, text)

@@ -2,7 +2,10 @@
 
 One VTW engine per fixture with ``vtw_allowed_k`` [1, 4, 7] (K = 1, N/2, N-1 and N), so a
 single engine serves every K tested through ``SamplingParams.extra_args``. Stock and VTW run
-at vLLM's defaults here (torch.compile on, prefix caching on for stock), not eager.
+at vLLM's defaults here (torch.compile on, prefix caching on), not eager. The stock engine
+runs in-process; the VTW engine in its own engine-core process, as ``LLM`` runs by default
+(a bad request that bypasses the front end must become an error output there). The
+LLaVA-NeXT engine is eager: its compiled path is the same layer-span code as LLaVA's.
 """
 
 import os
@@ -78,7 +81,8 @@ def stock_outputs(llava_dir):
 @pytest.fixture(scope="module")
 def vtw_llava(llava_dir, stock_outputs):  # after the stock engine is gone
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # LLM.apply_model in a test
-    with vllm_engine(llava_dir, **_engine_args("LlavaVTWForConditionalGeneration")) as llm:
+    args = _engine_args("LlavaVTWForConditionalGeneration")
+    with vllm_engine(llava_dir, multiprocess=True, **args) as llm:
         yield llm
 
 
@@ -133,7 +137,7 @@ def test_llava_next_matches_reference():
         "architectures": ["LlavaNextVTWForConditionalGeneration"],
         "vtw_allowed_k": [2, NUM_LAYERS // 2],
     }
-    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # LLM.apply_model below
+    args["enforce_eager"] = True  # the compiled spans are checked on the LLaVA engine
     with vllm_engine(model_dir, **args) as llm:
         assert llm.apply_model(_group_starts) == [[0, 2, 4]]
         outputs = _generate(llm, indices * len(ks), [k for k in ks for _ in indices])

@@ -29,6 +29,7 @@ The text between two media items (and the chat template's text) is never withdra
 
 from __future__ import annotations
 
+import torch
 from vllm.model_executor.models.llava_next_video import LlavaNextVideoForConditionalGeneration
 from vllm.model_executor.models.llava_onevision import LlavaOnevisionForConditionalGeneration
 
@@ -38,7 +39,17 @@ from vtw_vllm.models.llava_vtw import VTWModelMixin
 class LlavaOnevisionVTWForConditionalGeneration(
     VTWModelMixin, LlavaOnevisionForConditionalGeneration
 ):
-    pass
+    def _process_video_pixels(self, inputs) -> list[torch.Tensor]:
+        """Each video's embedding as ONE 2-D tensor ``[frames x 196 + 1, hidden]``.
+
+        vLLM 0.32's own method returns ``[n, d]`` rows on its tensor path (the videos of
+        an encoder batch have equal frame counts) but ``[1, n, d]`` per video on its list
+        path (they differ), which ``sanity_check_mm_encoder_outputs`` rejects and the
+        engine dies: stock vLLM 0.32 has this defect; the VTW class does not.
+        """
+        return [
+            video.reshape(-1, video.shape[-1]) for video in super()._process_video_pixels(inputs)
+        ]
 
 
 class LlavaNextVideoVTWForConditionalGeneration(

@@ -33,8 +33,11 @@ class ReferenceResult:
 
 @functools.lru_cache(maxsize=2)
 def _load(model_dir: str):
+    # torch's SDPA with an explicit causal mask (not vLLM's attention): ~5x faster than
+    # transformers' "eager" attention on a 2,300-token LLaVA-NeXT prompt here, log-probs
+    # within 1e-5 of it.
     model = AutoModelForImageTextToText.from_pretrained(
-        model_dir, dtype=torch.float32, attn_implementation="eager"
+        model_dir, dtype=torch.float32, attn_implementation="sdpa"
     ).eval()
     return model, AutoProcessor.from_pretrained(model_dir)
 
