@@ -1,4 +1,5 @@
-"""Shared helpers: one real vLLM engine per test module (an engine start costs ~30 s)."""
+"""Shared helpers: real vLLM engines (in-process: an engine start costs seconds; a fresh
+engine-core process or ``vllm serve`` ~15-30 s more), shared per module or session."""
 
 import base64
 import contextlib
@@ -38,13 +39,34 @@ if os.environ.get("VTW_TEST_DTYPE"):
 ENGINE_STARTS: list[tuple[str, str, float]] = []
 
 
-def _clear_vllm_envs_cache() -> None:
-    """vLLM caches its environment variables once an engine core has started in this
-    process (``enable_envs_cache``); the next engine must read the variables afresh."""
+@contextlib.contextmanager
+def environment(**values: str | None) -> Iterator[None]:
+    """Set (or, for None, unset) environment variables for the block. vLLM caches its
+    environment variables once an engine core has started in this process
+    (``enable_envs_cache``): the cache is cleared on the way in and out, so the next engine
+    reads them afresh."""
     import vllm.envs as envs
 
-    if envs._is_envs_cache_enabled():
-        envs.__getattr__.cache_clear()
+    def clear_vllm_cache() -> None:
+        if envs._is_envs_cache_enabled():
+            envs.__getattr__.cache_clear()
+
+    old = {name: os.environ.get(name) for name in values}
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    clear_vllm_cache()
+    try:
+        yield
+    finally:
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        clear_vllm_cache()
 
 
 @contextlib.contextmanager
@@ -60,18 +82,9 @@ def vllm_engine(model: str, multiprocess: bool = False, **overrides) -> Iterator
     always run multi-process."""
     from vllm import LLM
 
-    old = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocess else "0"
-    _clear_vllm_envs_cache()
     start = time.monotonic()
-    try:
+    with environment(VLLM_ENABLE_V1_MULTIPROCESSING="1" if multiprocess else "0"):
         llm = LLM(model=model, **{**ENGINE_DEFAULTS, **overrides})
-    finally:
-        if old is None:
-            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
-        else:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = old
-        _clear_vllm_envs_cache()
     kind = "multi-process" if multiprocess else "in-process"
     ENGINE_STARTS.append((kind, os.path.basename(model), time.monotonic() - start))
     try:
@@ -82,9 +95,31 @@ def vllm_engine(model: str, multiprocess: bool = False, **overrides) -> Iterator
         gc.collect()
 
 
+def run_cli(*argv: str, unset: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """``vtw-vllm ARGV`` (:func:`vtw_vllm.cli.main`) in this process with its engine core
+    in-process: the command's own code end to end, without the ~25 s of a fresh
+    interpreter and engine-core process. Exit status, stdout and stderr as
+    ``subprocess.run`` gives them (``python -m vtw_vllm.cli`` itself runs as a subprocess
+    in the refusal tests). ``unset``: environment variables a user would not have."""
+    from vtw_vllm.cli import main
+
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    start = time.monotonic()
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", **dict.fromkeys(unset)}
+    with environment(**env), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(list(argv))
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    seconds = time.monotonic() - start
+    ENGINE_STARTS.append(("in-process", f"vtw-vllm {argv[0]}: the whole job", seconds))
+    gc.collect()
+    return subprocess.CompletedProcess(["vtw-vllm", *argv], code, out.getvalue(), err.getvalue())
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
     total = sum(seconds for _, _, seconds in ENGINE_STARTS)
-    terminalreporter.section(f"engine starts: {len(ENGINE_STARTS)}, {total:.0f} s")
+    terminalreporter.section(f"engine starts: {len(ENGINE_STARTS)}, {total:.0f} s to start")
     for kind, model, seconds in ENGINE_STARTS:
         terminalreporter.write_line(f"{seconds:6.1f} s  {kind:<13} {model}")
 

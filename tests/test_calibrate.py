@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_close
+from conftest import assert_close, run_cli, vllm_engine
 
 from vtw_vllm import calibrate as cal
 from vtw_vllm.config import VTWConfig
@@ -67,16 +67,9 @@ def prepared_dir(model_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def llm(prepared_dir):
-    """``LLM(model=DIR)``, no ``hf_overrides``."""
-    from vllm import LLM
-
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv(APPLY_MODEL, "1")
-        engine = LLM(model=str(prepared_dir), max_logprobs=-1, **ENGINE_ARGS)
-        try:
-            yield engine
-        finally:  # a later module's engine must not inherit this one's memory
-            engine.llm_engine.engine_core.shutdown()
+    """``LLM(model=DIR)``, no ``hf_overrides`` (in-process engine core)."""
+    with vllm_engine(str(prepared_dir), max_logprobs=-1, **ENGINE_ARGS) as engine:
+        yield engine
 
 
 @pytest.fixture(scope="module")
@@ -220,11 +213,12 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_cli_end_to_end(model_dir, tmp_path):
     model = shutil.copytree(model_dir, tmp_path / "model")
-    proc = _cli(
+    proc = run_cli(
+        "calibrate",
         "--model", str(model), "--data", _data_file(tmp_path), "--candidates", "2", "4", "8",
         "--layer-group-size", "2", "--eta", "0.8", "--plot", str(tmp_path / "kl.png"),
         "--table", str(tmp_path / "kl.md"), "--write-config", "--out", str(tmp_path / "vtw"),
-        "--engine-args", json.dumps(ENGINE_ARGS),
+        "--engine-args", json.dumps(ENGINE_ARGS), unset=(APPLY_MODEL,),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 samples" in proc.stdout

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_cli, vllm_engine
 
 from vtw_vllm.quality import evaluate as ev
 from vtw_vllm.quality import task
@@ -135,12 +136,13 @@ def test_evaluate_cli_end_to_end(tmp_path):
     ]
     data = _write(tmp_path, rows)
     table = tmp_path / "acc.md"
-    proc = subprocess.run(
-        [sys.executable, "-m", "vtw_vllm.cli", "evaluate", "--model", str(get_fixture("llava")),
-         "--data", str(data), "--k", "4", "8", "--table", str(table),
-         "--engine-args", json.dumps({"dtype": "float32", "max_model_len": 1024,
-                                      "kv_cache_memory_bytes": 64 * 2**20})],
-        capture_output=True, text=True, timeout=600,
+    engine_args = {  # eager: the compiled path is checked in test_vtw_engine.py
+        "dtype": "float32", "max_model_len": 1024, "kv_cache_memory_bytes": 64 * 2**20,
+        "enforce_eager": True,
+    }  # fmt: skip
+    proc = run_cli(
+        "evaluate", "--model", str(get_fixture("llava")), "--data", str(data), "--k", "4", "8",
+        "--table", str(table), "--engine-args", json.dumps(engine_args),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 questions" in proc.stdout
@@ -202,8 +204,6 @@ def test_shipped_checkpoint_reads_its_image():
     points under the figures in benchmarks/results/quality.md (100 of those questions,
     greedy)."""
     from dataclasses import replace
-
-    from conftest import vllm_engine
 
     items = [
         ev.EvalItem(s.render(), qa.question, qa.answer, qa.type) for s, qa in task.held_out(100)

@@ -6,10 +6,10 @@ calibration's KL equals the KL of the transformers reference on the decoded fram
 import base64
 import json
 import subprocess
-import sys
 
 import numpy as np
 import pytest
+from conftest import run_cli
 
 from vtw_vllm import calibrate as cal
 from vtw_vllm.quality import evaluate as ev
@@ -90,8 +90,7 @@ def test_bad_video_rows(tmp_path, row, message):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "vtw_vllm.cli", *args, "--engine-args", json.dumps(ENGINE_ARGS)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    return run_cli(*args, "--engine-args", json.dumps(ENGINE_ARGS))
 
 
 @pytest.mark.engine

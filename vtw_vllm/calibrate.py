@@ -12,6 +12,7 @@ tokens, teacher-forced on the standard answer.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import math
@@ -323,6 +324,17 @@ def make_engine(model: str | Path, layer_group_size: int | None = None, **engine
     return LLM(model=str(model), hf_overrides=overrides, **engine_kwargs)
 
 
+@contextlib.contextmanager
+def job_engine(model: str | Path, layer_group_size: int | None = None, **engine_kwargs: Any):
+    """:func:`make_engine`, shut down when the job ends (its processes and memory freed, also
+    when the job runs inside a longer-lived process)."""
+    llm = make_engine(model, layer_group_size, **engine_kwargs)
+    try:
+        yield llm
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+
+
 def _prompt_ids(llm, sample: CalibrationSample) -> list[int]:
     """Token ids of the sample's prompt with one ``<image>`` or ``<video>`` placeholder
     (vLLM expands it)."""
@@ -373,7 +385,8 @@ def calibrate(
         raise CalibrationError(f"num_tokens must be >= 1, got {num_tokens}")
     vtw_architecture(model)
     if llm is None:
-        llm = make_engine(model, layer_group_size, **engine_kwargs)
+        with job_engine(model, layer_group_size, **engine_kwargs) as own:
+            return calibrate(model, samples, eta, candidates, num_tokens, own, progress)
     hf_config = llm.llm_engine.vllm_config.model_config.hf_config
     vtw = VTWConfig.from_hf_config(hf_config)
     vocab_size = llm.llm_engine.vllm_config.model_config.get_vocab_size()

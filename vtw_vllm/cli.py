@@ -179,13 +179,13 @@ def _evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
     except cal.CalibrationError as exc:
         _fail(parser, str(exc))
     print(f"{len(items)} questions from {args.data}", flush=True)
-    llm = cal.make_engine(args.model, args.layer_group_size, **engine_args)
-    vtw = VTWConfig.from_hf_config(llm.llm_engine.vllm_config.model_config.hf_config)
-    ks = args.k or sorted({vtw.default_k or vtw.num_layers, vtw.num_layers})
-    bad = [k for k in ks if k not in vtw.allowed_k]
-    if bad:
-        _fail(parser, f"--k {bad}: this engine allows {vtw.allowed_k}")
-    table = ev.to_markdown(ev.evaluate(llm, items, ks, args.first_word, progress=True))
+    with cal.job_engine(args.model, args.layer_group_size, **engine_args) as llm:
+        vtw = VTWConfig.from_hf_config(llm.llm_engine.vllm_config.model_config.hf_config)
+        ks = args.k or sorted({vtw.default_k or vtw.num_layers, vtw.num_layers})
+        bad = [k for k in ks if k not in vtw.allowed_k]
+        if bad:
+            _fail(parser, f"--k {bad}: this engine allows {vtw.allowed_k}")
+        table = ev.to_markdown(ev.evaluate(llm, items, ks, args.first_word, progress=True))
     print(table)
     if args.table:
         args.table.parent.mkdir(parents=True, exist_ok=True)
