@@ -15,7 +15,7 @@ demo: $(STAMP)
 	$(PY) -m vtw_vllm.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --durations=15
 
 # Everything that needs a CUDA GPU (kernel on CUDA, engine tests per attention backend,
 # benchmarks), into benchmarks/results/gpu_check/; says so and exits 0 without a GPU.

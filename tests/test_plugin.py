@@ -32,6 +32,7 @@ import vllm.model_executor.models.llava
 # What vLLM imports to serve VTW (plugin hook, config hook, models, scheduler, worker,
 # runner) must not pull in the trainer, the quality task, the fixtures or the tools.
 import vtw_vllm.engine_config, vtw_vllm.models.llava_vtw, vtw_vllm.models.llava_video_vtw
+import vtw_vllm.models.qwen_vl_vtw
 import vtw_vllm.scheduler, vtw_vllm.worker, vtw_vllm.runner, vtw_vllm.validation
 research = ("vtw_vllm.quality", "vtw_vllm.testing", "vtw_vllm.calibrate", "vtw_vllm.demo",
             "vtw_vllm.cli", "vtw_vllm.prepare", "vtw_vllm.child_engine")

@@ -7,6 +7,7 @@ also imported at interpreter start-up by the CPU torchvision fix.
 
 _MODELS = "vtw_vllm.models.llava_vtw"
 _VIDEO_MODELS = "vtw_vllm.models.llava_video_vtw"
+_QWEN_MODELS = "vtw_vllm.models.qwen_vl_vtw"
 ARCHITECTURES = {
     "LlavaVTWForConditionalGeneration": f"{_MODELS}:LlavaVTWForConditionalGeneration",
     "LlavaNextVTWForConditionalGeneration": f"{_MODELS}:LlavaNextVTWForConditionalGeneration",
@@ -15,6 +16,9 @@ ARCHITECTURES = {
     ),
     "LlavaNextVideoVTWForConditionalGeneration": (
         f"{_VIDEO_MODELS}:LlavaNextVideoVTWForConditionalGeneration"
+    ),
+    "Qwen2_5_VLVTWForConditionalGeneration": (
+        f"{_QWEN_MODELS}:Qwen2_5_VLVTWForConditionalGeneration"
     ),
 }
 

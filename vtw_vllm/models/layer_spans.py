@@ -24,8 +24,13 @@ import torch
 from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 
-# Every input of a span has the step's row count as dim 0 (one symbol, "rows").
-_DYNAMIC_DIMS = {"positions": {0: "rows"}, "hidden_states": {0: "rows"}, "residual": {0: "rows"}}
+# Every input of a span has the step's row count as one dim (one symbol, "rows"): dim 0 of
+# the hidden states, the last dim of the positions ([rows], or [3, rows] for M-RoPE).
+_DYNAMIC_DIMS = {
+    "positions": {-1: "rows"},
+    "hidden_states": {0: "rows"},
+    "residual": {0: "rows"},
+}
 
 
 class _LayerSpanBase(nn.Module):

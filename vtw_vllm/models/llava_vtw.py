@@ -91,9 +91,7 @@ class VTWModelMixin:
         for i, span in enumerate(self._vtw_spans):
             keep_index = withdrawals.get(span.start)
             if keep_index is not None:
-                hidden, residual, positions = gather_rows_auto(
-                    hidden, residual, positions, keep_index
-                )
+                hidden, residual, positions = _gather_rows(hidden, residual, positions, keep_index)
                 if hidden.shape[0] == 0:  # e.g. a prefill chunk holding only vision tokens
                     break
             hidden, residual = span(positions, hidden, residual)
@@ -106,6 +104,18 @@ class VTWModelMixin:
             hidden, _ = text_model.norm(hidden, residual)
             out.index_copy_(0, plan.out_index, hidden)
         return out
+
+
+def _gather_rows(
+    hidden: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor, keep: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The kept rows of the hidden states, residual and positions. M-RoPE positions
+    ([3, rows]: temporal, height, width) keep every row's ORIGINAL 3-D position: the
+    columns are gathered (a few int64s per row, beside the kernel's hidden-state gather)."""
+    if positions.dim() == 1:
+        return gather_rows_auto(hidden, residual, positions, keep)
+    hidden, residual, _ = gather_rows_auto(hidden, residual, positions[0], keep)
+    return hidden, residual, positions.index_select(1, keep)
 
 
 class LlavaVTWForConditionalGeneration(VTWModelMixin, LlavaForConditionalGeneration):

@@ -4,7 +4,8 @@ What the paper (and its authors' code) does: decoder layers with index < K run o
 whole sequence; at layer K every vision-token row is dropped from the hidden states and
 the position ids (a row holding the image token id, or for the video models the video
 token id: every pooled frame token, and OneVision's newline after each video, carry it);
-layers >= K run on the rest with the original positions. Decoding is recomputed from
+layers >= K run on the rest with the original positions (M-RoPE models: each kept row's
+original 3-D position, as transformers computes it). Decoding is recomputed from
 scratch each step (generated tokens are text, so they are never withdrawn), which is what
 a KV-cached VTW decode must equal. Nothing here shares code with the engine path.
 """
@@ -42,13 +43,15 @@ def _load(model_dir: str):
     return model, AutoProcessor.from_pretrained(model_dir)
 
 
-def _merged_input_embeds(model, inputs) -> torch.Tensor:
-    """The language model's input embeddings with the image/video features merged in, as
-    transformers computes them (captured at the language model's entry)."""
+def _language_model_inputs(model, inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The language model's input embeddings with the image/video features merged in, and
+    its position ids (None: 0..T-1; M-RoPE models: ``[3, 1, T]``), as transformers computes
+    them (captured at the language model's entry)."""
     captured = {}
 
     def grab(_module, args, kwargs):
         captured["embeds"] = kwargs["inputs_embeds"]
+        captured["positions"] = kwargs.get("position_ids")
         raise _Captured
 
     handle = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
@@ -58,22 +61,28 @@ def _merged_input_embeds(model, inputs) -> torch.Tensor:
         pass
     finally:
         handle.remove()
-    return captured["embeds"]
+    positions = captured["positions"]
+    if positions is not None and positions.dim() == 3 and positions.shape[0] == 4:
+        positions = positions[1:]  # transformers' packed form: text positions first
+    return captured["embeds"], positions
 
 
-def _last_logits_with_withdrawal(model, embeds, is_vision: torch.Tensor, k: int) -> torch.Tensor:
+def _last_logits_with_withdrawal(
+    model, embeds, is_vision: torch.Tensor, k: int, positions: torch.Tensor
+) -> torch.Tensor:
+    """``positions``: ``[1, T]``, or ``[3, 1, T]`` for M-RoPE (each row keeps its own)."""
     lm = model.model.language_model
     hidden = embeds
-    positions = torch.arange(hidden.shape[1])[None]
+    mrope = positions.dim() == 3
     for idx, layer in enumerate(lm.layers):
         if idx == k:
-            hidden, positions = hidden[:, ~is_vision], positions[:, ~is_vision]
+            hidden, positions = hidden[:, ~is_vision], positions[..., ~is_vision]
         length = hidden.shape[1]
         causal = torch.full((length, length), float("-inf")).triu(1)[None, None]
         hidden = layer(
             hidden,
             attention_mask=causal,
-            position_ids=positions,
+            position_ids=None if mrope else positions,
             position_embeddings=lm.rotary_emb(hidden, positions),
         )
     return model.lm_head(lm.norm(hidden[:, -1]))[0]
@@ -101,9 +110,9 @@ def vtw_generate(
         **media,
     )
     prompt_ids = inputs["input_ids"][0]
-    embeds = _merged_input_embeds(model, inputs) if images or videos else None
-    if embeds is None:
-        embeds = model.get_input_embeddings()(prompt_ids)[None]
+    embeds, positions = _language_model_inputs(model, inputs)
+    if positions is None:
+        positions = torch.arange(len(prompt_ids))[None]
     vision_ids = [model.config.image_token_id]
     if getattr(model.config, "video_token_id", None) is not None:
         vision_ids.append(model.config.video_token_id)
@@ -112,11 +121,14 @@ def vtw_generate(
     tokens: list[int] = []
     first_logprobs = None
     for _ in range(max_tokens):
-        logits = _last_logits_with_withdrawal(model, embeds, is_vision, k)
+        logits = _last_logits_with_withdrawal(model, embeds, is_vision, k, positions)
         if first_logprobs is None:
             first_logprobs = torch.log_softmax(logits.float(), dim=-1)
         token = int(logits.argmax())
         tokens.append(token)
         embeds = torch.cat([embeds, model.get_input_embeddings()(torch.tensor([[token]]))], dim=1)
         is_vision = torch.cat([is_vision, torch.tensor([False])])
+        # A generated token is text: one past the last position (in every M-RoPE section,
+        # since a prompt's text after its vision tokens starts past their largest position).
+        positions = torch.cat([positions, positions[..., -1:] + 1], dim=-1)
     return ReferenceResult(prompt_ids.tolist(), first_logprobs, tokens)
