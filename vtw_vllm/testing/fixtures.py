@@ -49,7 +49,7 @@ from transformers import (
 
 # Bump whenever a build would produce different files: it is part of the cache key.
 FIXTURE_VERSION = "1"
-KINDS = ("llava", "llava_next", "llava_next_video", "llava_onevision")
+KINDS = ("llava", "llava_next", "llava_next_video", "llava_onevision", "qwen2_5_vl")
 
 IMAGE_TOKEN = "<image>"
 VIDEO_TOKEN = "<video>"
@@ -394,7 +394,10 @@ def get_fixture(kind: str, cache_dir: str | os.PathLike | None = None, seed: int
     The build goes to a temporary directory that is renamed into place, so concurrent test
     processes never see a half-written checkpoint; the loser of a race discards its copy.
     """
-    if kind not in _BUILDERS:
+    from vtw_vllm.testing.qwen_fixtures import build_qwen2_5_vl
+
+    builders = _BUILDERS | {"qwen2_5_vl": build_qwen2_5_vl}
+    if kind not in builders:
         raise ValueError(f"unknown fixture kind {kind!r}; expected one of {KINDS}")
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     final = root / f"{kind}-seed{seed}-v{FIXTURE_VERSION}"
@@ -403,7 +406,7 @@ def get_fixture(kind: str, cache_dir: str | os.PathLike | None = None, seed: int
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
     try:
-        _BUILDERS[kind](tmp, seed=seed)
+        builders[kind](tmp, seed=seed)
         os.replace(tmp, final)
     except OSError:
         if not final.is_dir():  # not a lost race: a real failure
