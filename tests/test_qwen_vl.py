@@ -1,29 +1,44 @@
-"""VTW for Qwen2.5-VL on the real vLLM engine (CPU), on the tiny Qwen2.5-VL fixture.
+"""VTW for Qwen2.5-VL and Qwen3-VL on the real vLLM engine (CPU), on their tiny fixtures.
 
 M-RoPE: the model gets positions as [3, tokens]; the rows kept at layer K keep their
 original 3-D positions. Which tokens are withdrawn: every ``<|image_pad|>`` /
-``<|video_pad|>`` position (vLLM's placeholder ranges); ``<|vision_start|>`` and
-``<|vision_end|>`` stay. One stock engine (eager) and one VTW engine at vLLM's defaults
-(compiled: the layer spans with M-RoPE positions), ``vtw_layer_group_size=1`` (every K).
-K = N equals stock (tokens and log-probs); K < N equals the transformers reference that
-drops the vision rows at layer K and keeps the other rows' 3-D positions; a batch of
-mixed K equals its requests run alone; text-only requests are untouched.
+``<|video_pad|>`` position (vLLM's placeholder ranges, embed positions only);
+``<|vision_start|>``, ``<|vision_end|>`` and Qwen3-VL's frame timestamps stay. Qwen3-VL's
+deepstack features join the vision rows after decoder layers 0-2: K = 1 and K = 3 are at
+or below that depth.
+
+Per family one stock engine (eager) and one VTW engine (``vtw_layer_group_size=1``: every
+K; prefix caching and chunked prefill on; Qwen3-VL's at vLLM's defaults: compiled layer
+spans with M-RoPE positions and deepstack features). K = N equals stock (tokens and
+log-probs); K < N equals the transformers reference that drops the vision rows at layer K
+and keeps the other rows' 3-D positions; a batch of mixed K equals its requests run
+alone; text-only requests are untouched; a follow-up turn served from the prefix cache
+equals the uncached run. A small eager Qwen3-VL engine checks the KV blocks of every
+layer group at every step through chunked prefill, preemption and an abort.
 """
+
+import math
 
 import pytest
 from conftest import assert_close, first_logprobs, vllm_engine
 
 from vtw_vllm.testing import get_fixture, make_test_image, make_test_video
-from vtw_vllm.testing.qwen_fixtures import video_metadata
+from vtw_vllm.testing.qwen_fixtures import DEEPSTACK_LEVELS, video_metadata
 from vtw_vllm.testing.reference import vtw_generate
+from vtw_vllm.vision_ranges import kept_tokens, vision_ranges
 
 pytestmark = pytest.mark.engine
-KIND = "qwen2_5_vl"
-ARCH = "Qwen2_5_VLVTWForConditionalGeneration"
 NUM_LAYERS = 8
 MAX_TOKENS = 6
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
+ARCHS = {
+    "qwen2_5_vl": "Qwen2_5_VLVTWForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLVTWForConditionalGeneration",
+}
+LIMIT = {"image": 2, "video": 1}
+# K = 1 withdraws before deepstack levels 1 and 2 reach the vision rows; K = 3 after all.
+KS = [1, DEEPSTACK_LEVELS, NUM_LAYERS - 2]
 
 
 def _chat(content: str) -> str:
@@ -56,23 +71,23 @@ def _media(spec: dict) -> tuple[list, list]:
     return images, videos
 
 
-def _prompt(i: int) -> dict:
-    text, spec = REQUESTS[i]
+def _prompt(i: int, text: str | None = None, requests: list = REQUESTS) -> dict:
+    prompt, spec = requests[i]
     images, videos = _media(spec)
     data = {}
     if images:
         data["image"] = images[0] if len(images) == 1 else images
     if videos:
         data["video"] = (videos[0], video_metadata(len(videos[0])))
-    return {"prompt": text, **({"multi_modal_data": data} if data else {})}
+    return {"prompt": text or prompt, **({"multi_modal_data": data} if data else {})}
 
 
-def _params(k: int | None = None):
+def _params(k: int | None = None, max_tokens: int = MAX_TOKENS):
     from vllm import SamplingParams
 
     extra = None if k is None else {"vtw_k": k}
     return SamplingParams(
-        temperature=0.0, max_tokens=MAX_TOKENS, logprobs=-1, extra_args=extra, ignore_eos=True
+        temperature=0.0, max_tokens=max_tokens, logprobs=-1, extra_args=extra, ignore_eos=True
     )
 
 
@@ -80,29 +95,27 @@ def _generate(llm, indices: list[int], ks: list[int | None]):
     return llm.generate([_prompt(i) for i in indices], [_params(k) for k in ks], use_tqdm=False)
 
 
-def _reference(i: int, k: int):
-    text, spec = REQUESTS[i]
-    images, videos = _media(spec)
-    return vtw_generate(str(get_fixture(KIND)), text, images, k, MAX_TOKENS, videos=videos)
-
-
-LIMIT = {"image": 2, "video": 1}
+@pytest.fixture(scope="module", params=list(ARCHS))
+def family(request) -> str:
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def stock() -> list:
-    with vllm_engine(str(get_fixture(KIND)), limit_mm_per_prompt=LIMIT) as llm:
+def stock(family) -> list:
+    with vllm_engine(str(get_fixture(family)), limit_mm_per_prompt=LIMIT) as llm:
         return [_generate(llm, [i], [None])[0] for i in range(len(REQUESTS))]
 
 
 @pytest.fixture(scope="module")
-def vtw(stock):  # after the stock engine is gone
-    overrides = {"architectures": [ARCH], "vtw_layer_group_size": 1}
+def vtw(family, stock):  # after the stock engine is gone
+    overrides = {"architectures": [ARCHS[family]], "vtw_layer_group_size": 1}
     with vllm_engine(
-        str(get_fixture(KIND)),
+        str(get_fixture(family)),
         limit_mm_per_prompt=LIMIT,
         hf_overrides=overrides,
-        enforce_eager=False,  # vLLM's default: compiled layer spans, M-RoPE positions
+        # Qwen3-VL at vLLM's default: compiled layer spans with M-RoPE positions and the
+        # deepstack features as inputs; Qwen2.5-VL eager (seconds, not ~40 s to compile).
+        enforce_eager=family == "qwen2_5_vl",
     ) as llm:
         yield llm
 
@@ -116,11 +129,13 @@ def test_k_equals_n_is_stock(vtw, stock):
             assert_close(first_logprobs(out), first_logprobs(ref), atol=1e-4, what="logprobs")
 
 
-@pytest.mark.parametrize("k", [1, NUM_LAYERS // 2, NUM_LAYERS - 2])
-def test_matches_reference(vtw, k):
+@pytest.mark.parametrize("k", KS)
+def test_matches_reference(family, vtw, k):
     outputs = _generate(vtw, VISION, [k] * len(VISION))
     for i, out in zip(VISION, outputs, strict=True):
-        ref = _reference(i, k)
+        text, spec = REQUESTS[i]
+        images, videos = _media(spec)
+        ref = vtw_generate(str(get_fixture(family)), text, images, k, MAX_TOKENS, videos=videos)
         assert out.prompt_token_ids == ref.prompt_token_ids, f"request {i}"
         assert list(out.outputs[0].token_ids) == ref.token_ids, f"request {i}, K={k}"
         vllm_lp = first_logprobs(out)
@@ -139,9 +154,111 @@ def test_vtw_changes_vision_requests_only(vtw, stock):
 
 
 def test_mixed_k_batch_equals_solo_runs(vtw):
-    indices, ks = [0, 1, 2, 3, 4, 0, 3], [2, 5, 3, NUM_LAYERS, 1, 7, 6]
+    indices, ks = [0, 2, 3, 4, 3], [2, 3, NUM_LAYERS, 1, 6]
     batch = _generate(vtw, indices, ks)
     for i, k, out in zip(indices, ks, batch, strict=True):
         (solo,) = _generate(vtw, [i], [k])
         assert out.outputs[0].token_ids == solo.outputs[0].token_ids, f"request {i}, K={k}"
         assert_close(first_logprobs(out), first_logprobs(solo), atol=1e-4, what="logprobs")
+
+
+# First turns longer than one KV block (the CPU default is 128 tokens): 448 px media.
+FIRST_TURNS = [
+    (_chat(f"{IMAGE}What is in the picture?"), {"image": [(5, (448, 448))]}),
+    (_chat(f"{VIDEO}What happens in the video?"), {"video": (6, 4, (448, 448))}),
+]
+
+
+def test_follow_up_turn_from_the_prefix_cache_equals_uncached(family, vtw):
+    i, k = (0, 3) if family == "qwen2_5_vl" else (1, 2)  # an image; a video
+    (first,) = vtw.generate([_prompt(i, requests=FIRST_TURNS)], [_params(k)], use_tqdm=False)
+    answer = first.outputs[0].text
+    follow_up = (
+        f"{FIRST_TURNS[i][0]}{answer}<|im_end|>\n"
+        "<|im_start|>user\nAnd what colours are there?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    prompt = _prompt(i, follow_up, FIRST_TURNS)
+    (cached,) = vtw.generate([prompt], [_params(k)], use_tqdm=False)
+    assert cached.num_cached_tokens > 0, "the follow-up missed the prefix cache"
+    assert vtw.reset_prefix_cache()
+    (uncached,) = vtw.generate([prompt], [_params(k)], use_tqdm=False)
+    assert not uncached.num_cached_tokens
+    assert cached.outputs[0].token_ids == uncached.outputs[0].token_ids
+    assert_close(first_logprobs(cached), first_logprobs(uncached), atol=1e-4, what="logprobs")
+
+
+# -- KV blocks per layer group: a small eager Qwen3-VL engine -----------------------------
+
+BLOCK_SIZE = 32  # CPU_ATTN needs multiples of 32
+DECODE = 16  # tokens per request: the batch grows while it decodes
+
+
+@pytest.fixture(scope="module")
+def small_engine():
+    with vllm_engine(
+        str(get_fixture("qwen3_vl")),
+        limit_mm_per_prompt=LIMIT,
+        hf_overrides={
+            "architectures": [ARCHS["qwen3_vl"]],
+            "vtw_k": 4,
+            "vtw_layer_group_size": 2,
+        },
+        block_size=BLOCK_SIZE,
+        max_num_batched_tokens=64,  # chunked prefill: some chunks hold only vision tokens
+        # 60 blocks (32 tokens x 2 layers): K = 8 preempts
+        kv_cache_memory_bytes=60 * 32 * 2**10,
+        max_model_len=256,
+    ) as llm:
+        yield llm
+
+
+def test_blocks_follow_formula_every_step_and_return(small_engine):
+    """Requests at K = 2 and K = 8 (no withdrawal) in one batch that must preempt."""
+    engine = small_engine.llm_engine
+    sched = engine.engine_core.engine_core.scheduler
+    pool = sched.kv_cache_manager.block_pool
+    managers = sched.kv_cache_manager.coordinator.single_type_managers
+    free_at_start = pool.get_num_free_blocks()
+    batch = [(0, 2), (3, 2), (4, 8), (1, 8), (3, 8), (2, 2)]  # (request, K)
+    ks = {}
+    for n, (i, k) in enumerate(batch):
+        ks[f"r{n}"] = k
+        engine.add_request(f"r{n}", _prompt(i), _params(k, max_tokens=DECODE))
+    engine.add_request("aborted", _prompt(3), _params(2, max_tokens=50))
+    # 196 image tokens: some chunk of <= 64 tokens falls inside them.
+    engine.add_request("long", _prompt(0, requests=FIRST_TURNS), _params(2, max_tokens=DECODE))
+    ks |= {"aborted": 2, "long": 2}
+
+    outputs, checked, vision_only_chunk, preempted, steps = {}, 0, False, set(), 0
+    computed: dict[str, int] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                outputs[out.request_id] = out
+        steps += 1
+        if steps == 8:
+            engine.abort_request(["aborted"])
+        for req_id, request in sched.requests.items():
+            if request.num_preemptions:
+                preempted.add(req_id)
+            ranges = vision_ranges(request.mm_features)
+            n, before = request.num_computed_tokens, computed.get(req_id, 0)
+            computed[req_id] = n
+            if before < n and any(a <= before and n <= b for a, b in ranges):
+                vision_only_chunk = True  # this step's chunk [before, n) held vision only
+            k = ks[req_id.rsplit("-", 1)[0]]  # the engine's request ids carry a suffix
+            for manager in managers:
+                withdrawn = manager.kv_cache_spec.first_layer >= k
+                held = kept_tokens(ranges, n) if withdrawn else n
+                assert len(manager.req_to_blocks[req_id]) == math.ceil(held / BLOCK_SIZE), (
+                    f"{req_id} layer group {manager.kv_cache_spec.first_layer} at {n} tokens"
+                )
+                checked += 1
+    assert checked > 100 and vision_only_chunk and preempted
+    assert pool.get_num_free_blocks() == free_at_start
+    assert len(outputs) == len(batch) + 1
+    # Chunked prefill and preemption: still the reference's tokens (the video at K = 2).
+    text, spec = REQUESTS[3]
+    _, videos = _media(spec)
+    ref = vtw_generate(str(get_fixture("qwen3_vl")), text, [], 2, DECODE, videos=videos)
+    assert list(outputs["r1"].outputs[0].token_ids) == ref.token_ids

@@ -1,4 +1,4 @@
-"""Visual Tokens Withdrawal (VTW) for LLaVA models served by vLLM.
+"""Visual Tokens Withdrawal (VTW) for the LLaVA and Qwen-VL models served by vLLM.
 
 vLLM calls :func:`register` in every process through the ``vllm.general_plugins``
 entry point, so nothing needs to be imported by hand. Keep this module cheap: it is
@@ -20,6 +20,7 @@ ARCHITECTURES = {
     "Qwen2_5_VLVTWForConditionalGeneration": (
         f"{_QWEN_MODELS}:Qwen2_5_VLVTWForConditionalGeneration"
     ),
+    "Qwen3VLVTWForConditionalGeneration": f"{_QWEN_MODELS}:Qwen3VLVTWForConditionalGeneration",
 }
 
 

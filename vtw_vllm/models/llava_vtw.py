@@ -76,10 +76,20 @@ class VTWModelMixin:
         if inputs_embeds is None:
             inputs_embeds = self.language_model.model.embed_input_ids(input_ids)
         self.vtw_forward_counts["full" if plan is None else "withdrawal"] += 1
-        return self._forward_spans(inputs_embeds, positions, plan)
+        deepstack = self._vtw_deepstack(inputs_embeds)
+        return self._forward_spans(inputs_embeds, positions, plan, deepstack)
+
+    def _vtw_deepstack(self, inputs_embeds: torch.Tensor) -> torch.Tensor | None:
+        """Features added to the stream after the first decoder layers, ``[levels, rows,
+        hidden]`` (Qwen3-VL's deepstack); None for models without them."""
+        return None
 
     def _forward_spans(
-        self, hidden: torch.Tensor, positions: torch.Tensor, plan: ModelPlan | None
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        plan: ModelPlan | None,
+        deepstack: torch.Tensor | None = None,
     ) -> torch.Tensor:
         text_model = self.language_model.model
         num_tokens = hidden.shape[0]
@@ -92,9 +102,11 @@ class VTWModelMixin:
             keep_index = withdrawals.get(span.start)
             if keep_index is not None:
                 hidden, residual, positions = _gather_rows(hidden, residual, positions, keep_index)
+                if deepstack is not None:
+                    deepstack = deepstack.index_select(1, keep_index)
                 if hidden.shape[0] == 0:  # e.g. a prefill chunk holding only vision tokens
                     break
-            hidden, residual = span(positions, hidden, residual)
+            hidden, residual = span(positions, hidden, residual, deepstack)
             if self._vtw_clone_between_spans and i < last:
                 hidden, residual = hidden.clone(), residual.clone()
         if plan is None:

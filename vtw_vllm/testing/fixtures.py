@@ -49,7 +49,7 @@ from transformers import (
 
 # Bump whenever a build would produce different files: it is part of the cache key.
 FIXTURE_VERSION = "1"
-KINDS = ("llava", "llava_next", "llava_next_video", "llava_onevision", "qwen2_5_vl")
+KINDS = ("llava", "llava_next", "llava_next_video", "llava_onevision", "qwen2_5_vl", "qwen3_vl")
 
 IMAGE_TOKEN = "<image>"
 VIDEO_TOKEN = "<video>"
@@ -394,9 +394,9 @@ def get_fixture(kind: str, cache_dir: str | os.PathLike | None = None, seed: int
     The build goes to a temporary directory that is renamed into place, so concurrent test
     processes never see a half-written checkpoint; the loser of a race discards its copy.
     """
-    from vtw_vllm.testing.qwen_fixtures import build_qwen2_5_vl
+    from vtw_vllm.testing.qwen_fixtures import build_qwen2_5_vl, build_qwen3_vl
 
-    builders = _BUILDERS | {"qwen2_5_vl": build_qwen2_5_vl}
+    builders = _BUILDERS | {"qwen2_5_vl": build_qwen2_5_vl, "qwen3_vl": build_qwen3_vl}
     if kind not in builders:
         raise ValueError(f"unknown fixture kind {kind!r}; expected one of {KINDS}")
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()

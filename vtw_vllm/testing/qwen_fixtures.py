@@ -1,11 +1,14 @@
-"""Tiny random-init Qwen2.5-VL checkpoints in the layout of ``Qwen/Qwen2.5-VL-*-Instruct``.
+"""Tiny random-init Qwen2.5-VL and Qwen3-VL checkpoints in the layout of the hub's
+``Qwen/Qwen2.5-VL-*-Instruct`` and ``Qwen/Qwen3-VL-*-Instruct``.
 
 The shapes that matter for VTW are kept: the Qwen vision tower's token counts (14 px
 patches, 2 x 2 merged, 2 frames per temporal patch: a 224 x 224 image is 64 tokens, a
 448 x 448 image 256, a 4-frame 224 x 224 video 128), M-RoPE over 3-D positions
 (temporal, height, width) with its ``mrope_section``, grouped-query attention with q/k/v
-biases, and Qwen's chat format (``<|im_start|>``, ``<|vision_start|><|image_pad|>
-<|vision_end|>``). Widths are shrunk so that vLLM runs them on CPU in seconds.
+biases (Qwen3-VL: q/k norms, interleaved M-RoPE, deepstack features added to the first
+decoder layers' outputs, timestamps between video frames), and Qwen's chat format
+(``<|im_start|>``, ``<|vision_start|><|image_pad|><|vision_end|>``). Widths are shrunk so
+that vLLM runs them on CPU in seconds.
 """
 
 from __future__ import annotations
@@ -21,6 +24,10 @@ from transformers import (
     Qwen2_5_VLProcessor,
     Qwen2VLImageProcessor,
     Qwen2VLVideoProcessor,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLProcessor,
+    Qwen3VLVideoProcessor,
 )
 
 from vtw_vllm.testing.fixtures import _CORPUS, _INITIALIZER_RANGE, _init_model
@@ -142,6 +149,87 @@ def build_qwen2_5_vl(out_dir: str | os.PathLike, seed: int = 0) -> Path:
         image_processor=Qwen2VLImageProcessor(**common),
         tokenizer=tokenizer,
         video_processor=Qwen2VLVideoProcessor(**common, cap_pixels_per_frame=False),
+        chat_template=CHAT_TEMPLATE,
+    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+# Qwen3-VL: 16 px patches, 2 x 2 merged (a 448 x 448 image is 196 tokens, a 224 x 224
+# one 49), a learned position grid of 48 x 48 interpolated per image, as in the 8B.
+_QWEN3_PATCH_SIZE = 16
+_QWEN3_MAX_PIXELS = 448 * 448
+DEEPSTACK_LEVELS = 3  # deepstack features of 3 vision blocks, into decoder layers 0, 1, 2
+
+
+def build_qwen3_vl(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a Qwen3-VL-shaped (dense, 8B-like) checkpoint to ``out_dir``: 8 decoder layers,
+    hidden 128, 4 heads / 2 KV heads of dim 32 with q/k norms, interleaved
+    ``mrope_section`` [6, 5, 5] ([24, 20, 20] of 64 in the 8B); a 3-block vision tower whose
+    every block feeds a deepstack level (blocks 8, 16, 24 of 27 in the 8B)."""
+    tokenizer = build_qwen_tokenizer()
+    ids = tokenizer.convert_tokens_to_ids
+    text_config = dict(
+        vocab_size=len(tokenizer),  # 151936 in Qwen3-VL-8B
+        hidden_size=128,  # 4096
+        intermediate_size=256,  # 12288
+        num_hidden_layers=8,  # 36
+        num_attention_heads=4,  # 32
+        num_key_value_heads=2,  # 8
+        head_dim=32,  # 128
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-6,
+        initializer_range=_INITIALIZER_RANGE,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 5e6,
+            "mrope_section": [6, 5, 5],
+            "mrope_interleaved": True,
+        },
+        bos_token_id=ids("<|endoftext|>"),
+        eos_token_id=ids("<|im_end|>"),
+        pad_token_id=ids("<|endoftext|>"),
+        tie_word_embeddings=False,
+    )
+    vision_config = dict(
+        depth=DEEPSTACK_LEVELS,  # 27
+        hidden_size=64,  # 1152
+        intermediate_size=128,  # 4304
+        num_heads=2,  # 16
+        patch_size=_QWEN3_PATCH_SIZE,
+        spatial_merge_size=_MERGE_SIZE,
+        temporal_patch_size=_TEMPORAL_PATCH,
+        out_hidden_size=128,  # the text hidden size
+        num_position_embeddings=2304,  # 48 x 48, as in the 8B
+        deepstack_visual_indexes=list(range(DEEPSTACK_LEVELS)),  # [8, 16, 24]
+        initializer_range=_INITIALIZER_RANGE,
+    )
+    config = Qwen3VLConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=ids(IMAGE_PAD),
+        video_token_id=ids(VIDEO_PAD),
+        vision_start_token_id=ids(VISION_START),
+        vision_end_token_id=ids(VISION_END),
+        tie_word_embeddings=False,
+    )
+    model = _init_model(Qwen3VLForConditionalGeneration, config, seed)
+    common = dict(
+        patch_size=_QWEN3_PATCH_SIZE, merge_size=_MERGE_SIZE, temporal_patch_size=_TEMPORAL_PATCH
+    )
+    size = {"shortest_edge": _MIN_PIXELS, "longest_edge": _QWEN3_MAX_PIXELS}
+    processor = Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(
+            **common, size=size, image_mean=[0.5] * 3, image_std=[0.5] * 3
+        ),
+        tokenizer=tokenizer,
+        # Every frame given is used (vLLM passes decoded frames with their metadata).
+        video_processor=Qwen3VLVideoProcessor(
+            **common, size=size, do_sample_frames=False, cap_pixels_per_frame=False
+        ),
         chat_template=CHAT_TEMPLATE,
     )
     out = Path(out_dir)

@@ -5,7 +5,10 @@ whole sequence; at layer K every vision-token row is dropped from the hidden sta
 the position ids (a row holding the image token id, or for the video models the video
 token id: every pooled frame token, and OneVision's newline after each video, carry it);
 layers >= K run on the rest with the original positions (M-RoPE models: each kept row's
-original 3-D position, as transformers computes it). Decoding is recomputed from
+original 3-D position, as transformers computes it). Qwen3-VL's deepstack features are
+added to the vision rows' hidden states after decoder layers 0, 1, ... as in
+transformers; a level whose layer comes at or after K has no vision row left to go to and
+is dropped with them. Decoding is recomputed from
 scratch each step (generated tokens are text, so they are never withdrawn), which is what
 a KV-cached VTW decode must equal. Nothing here shares code with the engine path.
 """
@@ -43,15 +46,22 @@ def _load(model_dir: str):
     return model, AutoProcessor.from_pretrained(model_dir)
 
 
-def _language_model_inputs(model, inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The language model's input embeddings with the image/video features merged in, and
-    its position ids (None: 0..T-1; M-RoPE models: ``[3, 1, T]``), as transformers computes
-    them (captured at the language model's entry)."""
+@dataclass
+class _LanguageModelInputs:
+    embeds: torch.Tensor  # [1, T, hidden], image/video features merged in
+    positions: torch.Tensor | None  # None: 0..T-1; M-RoPE models: [3, 1, T]
+    deepstack: list[torch.Tensor]  # Qwen3-VL: per level [vision rows, hidden]; else []
+
+
+def _language_model_inputs(model, inputs) -> _LanguageModelInputs:
+    """What transformers hands its language model (captured at the language model's
+    entry)."""
     captured = {}
 
     def grab(_module, args, kwargs):
         captured["embeds"] = kwargs["inputs_embeds"]
         captured["positions"] = kwargs.get("position_ids")
+        captured["deepstack"] = list(kwargs.get("deepstack_visual_embeds") or [])
         raise _Captured
 
     handle = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
@@ -64,13 +74,19 @@ def _language_model_inputs(model, inputs) -> tuple[torch.Tensor, torch.Tensor | 
     positions = captured["positions"]
     if positions is not None and positions.dim() == 3 and positions.shape[0] == 4:
         positions = positions[1:]  # transformers' packed form: text positions first
-    return captured["embeds"], positions
+    return _LanguageModelInputs(captured["embeds"], positions, captured["deepstack"])
 
 
 def _last_logits_with_withdrawal(
-    model, embeds, is_vision: torch.Tensor, k: int, positions: torch.Tensor
+    model,
+    embeds,
+    is_vision: torch.Tensor,
+    k: int,
+    positions: torch.Tensor,
+    deepstack: list[torch.Tensor],
 ) -> torch.Tensor:
-    """``positions``: ``[1, T]``, or ``[3, 1, T]`` for M-RoPE (each row keeps its own)."""
+    """``positions``: ``[1, T]``, or ``[3, 1, T]`` for M-RoPE (each row keeps its own);
+    ``deepstack``: features added to the vision rows after layer 0, 1, ... (Qwen3-VL)."""
     lm = model.model.language_model
     hidden = embeds
     mrope = positions.dim() == 3
@@ -85,6 +101,9 @@ def _last_logits_with_withdrawal(
             position_ids=None if mrope else positions,
             position_embeddings=lm.rotary_emb(hidden, positions),
         )
+        if idx < len(deepstack) and idx < k:  # at or past K the vision rows are gone
+            hidden = hidden.clone()
+            hidden[:, is_vision] += deepstack[idx]
     return model.lm_head(lm.norm(hidden[:, -1]))[0]
 
 
@@ -110,7 +129,8 @@ def vtw_generate(
         **media,
     )
     prompt_ids = inputs["input_ids"][0]
-    embeds, positions = _language_model_inputs(model, inputs)
+    lm_inputs = _language_model_inputs(model, inputs)
+    embeds, positions = lm_inputs.embeds, lm_inputs.positions
     if positions is None:
         positions = torch.arange(len(prompt_ids))[None]
     vision_ids = [model.config.image_token_id]
@@ -121,7 +141,9 @@ def vtw_generate(
     tokens: list[int] = []
     first_logprobs = None
     for _ in range(max_tokens):
-        logits = _last_logits_with_withdrawal(model, embeds, is_vision, k, positions)
+        logits = _last_logits_with_withdrawal(
+            model, embeds, is_vision, k, positions, lm_inputs.deepstack
+        )
         if first_logprobs is None:
             first_logprobs = torch.log_softmax(logits.float(), dim=-1)
         token = int(logits.argmax())
