@@ -124,20 +124,6 @@ def engine_spec(name: str, n: int) -> dict[str, Any]:
     }
 
 
-class FreshVideos:
-    """Test videos, each seed used once: no two requests to an engine share a video."""
-
-    def __init__(self, frames: int, first_seed: int = 5000) -> None:
-        self.frames, self.next_seed = frames, first_seed
-
-    def take(self, n: int) -> list:
-        from vtw_vllm.testing import make_test_video
-
-        seeds = range(self.next_seed, self.next_seed + n)
-        self.next_seed += n
-        return [make_test_video(seed, num_frames=self.frames) for seed in seeds]
-
-
 def offline(name: str, arg_dict: dict[str, Any]) -> dict[str, Any]:
     """One engine (a child process, :mod:`vtw_vllm.child_engine`): every measurement for
     every K it serves (``benchmarks/serving/common.py``'s ``measure_engine``)."""
@@ -160,7 +146,7 @@ def offline(name: str, arg_dict: dict[str, Any]) -> dict[str, Any]:
         limit_mm_per_prompt={"video": 1},
         seed=0,
     )
-    videos = FreshVideos(args.frames)
+    videos = serving.FreshVideos(args.frames)
 
     def prompts(count: int) -> list[dict[str, Any]]:
         return [{"prompt": PROMPT, "multi_modal_data": {"video": v}} for v in videos.take(count)]
@@ -176,24 +162,22 @@ def offline(name: str, arg_dict: dict[str, Any]) -> dict[str, Any]:
 
 def bars(stock: dict[str, Any], vtw: dict[str, Any]) -> list[dict[str, Any]]:
     k = vtw["num_layers"] // 2
-    base = stock["per_k"]["None"]
-    out = []
-    for metric, op, bar in BARS:
-        value = serving.over(vtw["per_k"][str(k)][metric], base[metric])
-        ok = value <= bar if op == "<=" else value >= bar
-        out.append({"k": k, "metric": metric, "ratio": value, "op": op, "bar": bar, "pass": ok})
-    return out
+    return [serving.check_bar(stock, vtw, k, *bar) for bar in BARS]
 
 
 def report(results: dict[str, Any], args: argparse.Namespace, meta: dict[str, Any]) -> str:
     stock, vtw = results["stock"], results["vtw"]
-    s = stock["per_k"]["None"]
     tokens = stock["prompt_tokens_per_request"]
     video_tokens = args.frames * TOKENS_PER_FRAME
     shape = flops.Shape.from_checkpoint(video_checkpoint())
     tower = flops.Tower.from_checkpoint(video_checkpoint())
     text_tokens = tokens - video_tokens
-    fmt, over = serving.fmt, serving.over
+
+    def bound(k: int) -> str:
+        lm = 1 / flops.ratio(shape, video_tokens, text_tokens, k)
+        whole = flops.whole_ratio(shape, tower, args.frames, TOKENS_PER_FRAME, text_tokens, k)
+        return f"{lm:.2f}x / {1 / whole:.2f}x"
+
     lines = [
         "# Video benchmark: stock vLLM vs VTW on LLaVA-NeXT-Video, both at vLLM's defaults",
         "",
@@ -209,56 +193,24 @@ def report(results: dict[str, Any], args: argparse.Namespace, meta: dict[str, An
         f"the same run. VTW: vtw_allowed_k {vtw['engine']['allowed_k']} "
         f"({vtw['engine']['kv_cache_groups']} KV groups).",
         "",
-        "| config | prefill tok/s | x stock | FLOPs bound: LM / all | decode tok/s | x stock | "
-        "KV blocks / req (per group) | KV layer-blocks / req | x stock | "
-        "requests that fit the KV budget | KV-bound req/s | x stock |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    rows = [("stock", s, None)] + [(f"VTW K={k}", r, int(k)) for k, r in vtw["per_k"].items()]
-    pools = {"stock": stock["engine"]["num_blocks"], "VTW": vtw["engine"]["num_blocks"]}
-    for name, r, k in rows:
-        fit = pools[name.split()[0]] // sum(r["kv_blocks"])
-        lm, whole = (
-            (
-                1 / flops.ratio(shape, video_tokens, text_tokens, k),
-                1 / flops.whole_ratio(shape, tower, args.frames, TOKENS_PER_FRAME, text_tokens, k),
-            )
-            if k is not None
-            else (1.0, 1.0)
-        )
-        lines.append(
-            f"| {name} | {fmt(r['prefill_tok_s'], 0)} | "
-            f"{over(r['prefill_tok_s'], s['prefill_tok_s']):.2f}x | {lm:.2f}x / {whole:.2f}x | "
-            f"{fmt(r['decode_tok_s'])} | {over(r['decode_tok_s'], s['decode_tok_s']):.2f}x | "
-            f"{r['kv_blocks']} | {r['kv_layer_blocks']} | "
-            f"{over(r['kv_layer_blocks'], s['kv_layer_blocks']):.2f}x | "
-            f"{fit} | {r['kv_bound_req_s']:.3f} | "
-            f"{over(r['kv_bound_req_s'], s['kv_bound_req_s']):.2f}x |"
-        )
+    pools = (stock["engine"]["num_blocks"], vtw["engine"]["num_blocks"])
+    lines += serving.budget_table(stock, vtw, pools, bound)
     lines += ["", f"Bars (K = {vtw['num_layers'] // 2} = N/2, both at defaults):", ""]
     for b in results["bars"]:
         what = "KV per request" if b["metric"] == "kv_layer_blocks" else "prefill"
         verdict = "PASS" if b["pass"] else "FAIL"
         lines.append(f"- {verdict}: {what} {b['ratio']:.2f}x stock (bar {b['op']} {b['bar']}x)")
-    lines += [
-        "",
-        "Engines as run (read back from each engine's config; cached tokens: the prefix-cache "
-        "hits the engine reported for its timed requests):",
-        "",
-        "| engine | prefix caching | enforce_eager | compilation | async sched. | "
-        "max batched tokens | max seqs | KV groups | block size | blocks | cached tokens | "
-        "child s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, r in (("stock", stock), ("vtw", vtw)):
-        e = r["engine"]
-        cached = sum(v["cached_tokens"] for v in r["per_k"].values())
-        lines.append(
-            f"| {name} | {e['enable_prefix_caching']} | {e['enforce_eager']} | "
-            f"{e['compilation_mode']} | {e['async_scheduling']} | {e['max_num_batched_tokens']} "
-            f"| {e['max_num_seqs']} | {e['kv_cache_groups']} | {e['block_size']} | "
-            f"{e['num_blocks']} | {cached} | {r['child_seconds']:.0f} |"
+    engines = [
+        (
+            name,
+            r["engine"],
+            sum(v["cached_tokens"] for v in r["per_k"].values()),
+            r["child_seconds"],
         )
+        for name, r in (("stock", stock), ("vtw", vtw))
+    ]
+    lines += ["", *serving.engines_table(engines)]
     lines += [
         "",
         "KV layer-blocks: blocks held after prefill x layers per block (a stock block spans "

@@ -25,8 +25,9 @@ module at its top.
 
 The checkpoint is a benchmark-sized variant of the tiny fixture (same tokenizer, tower
 and image processor; a 512-wide, 8-layer llama), so that, as in a real LLaVA, the
-language model and not the vision tower dominates prefill. Random weights: the answers
-are meaningless, the cost is not.
+language model and not the vision tower dominates prefill (Qwen2.5-VL, for
+``benchmarks/qwen_vl.py``: its fixture, widened the same way). Random weights: the
+answers are meaningless, the cost is not.
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ def bench_checkpoint(kind: str) -> Path:
     out = default_cache_dir() / f"bench-{kind}-d512-v1"
     if (out / "config.json").is_file():
         return out
+    if kind not in ("llava", "llava_next"):  # e.g. qwen2_5_vl: the fixture, widened
+        return _widened_fixture(kind, out)
     tokenizer = fixtures.build_tokenizer()
     common = fixtures._common_config(tokenizer)
     text = common["text_config"]
@@ -103,6 +106,38 @@ def bench_checkpoint(kind: str) -> Path:
         model = model_cls(config).eval()
     tmp = out.with_name(out.name + ".tmp")
     fixtures._save(model, processor, tmp)
+    tmp.rename(out)
+    return out
+
+
+def _widened_fixture(kind: str, out: Path) -> Path:
+    """The tiny fixture ``kind`` (its tokenizer, processor, vision tower and depth) with
+    its language model widened as in the LLaVA benchmark checkpoints (hidden 512, FFN
+    1408, 8 heads / 4 KV heads; M-RoPE sections scaled to the new head size) and the
+    vision merger's output widened to match; random weights from the fixture's seed (0)."""
+    import transformers
+    from transformers import AutoConfig, AutoProcessor
+
+    from vtw_vllm.testing import fixtures, get_fixture
+
+    fixture = get_fixture(kind)
+    config = AutoConfig.from_pretrained(fixture)
+    text = config.text_config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    text.hidden_size, text.intermediate_size = 512, 1408
+    text.num_attention_heads, text.num_key_value_heads = 8, 4
+    if getattr(text, "head_dim", None):  # set explicitly (Qwen3-VL)
+        text.head_dim = 512 // 8
+    text.initializer_range = 0.02
+    rope = text.rope_parameters or {}
+    if "mrope_section" in rope:  # (t, h, w) rotary pairs, summing to head_dim / 2
+        scale = 512 // 8 // head_dim
+        rope["mrope_section"] = [s * scale for s in rope["mrope_section"]]
+    config.vision_config.out_hidden_size = 512
+    model = fixtures._init_model(getattr(transformers, config.architectures[0]), config, seed=0)
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    AutoProcessor.from_pretrained(fixture).save_pretrained(tmp)
     tmp.rename(out)
     return out
 
@@ -150,17 +185,21 @@ def engine_spec(name: str, n: int, eager_ks: list[int]) -> dict[str, Any]:
     return specs[name]
 
 
+FAMILIES = {"llava": "Llava", "llava_next": "LlavaNext", "qwen2_5_vl": "Qwen2_5_VL"}
+
+
 def hf_overrides(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
-    family = "LlavaNext" if kind == "llava_next" else "Llava"
-    arch = f"{family}{'VTW' if spec['vtw'] else ''}ForConditionalGeneration"
+    arch = f"{FAMILIES[kind]}{'VTW' if spec['vtw'] else ''}ForConditionalGeneration"
     return {"architectures": [arch], **spec["layout"]}
 
 
 class FreshImages:
     """Test images, each seed used once: no two requests to an engine share an image."""
 
-    def __init__(self, kind: str, first_seed: int = 1000) -> None:
-        self.size = (336, 336) if kind == "llava" else (448, 336)  # NeXT: anyres, 2 tiles
+    def __init__(
+        self, kind: str, first_seed: int = 1000, size: tuple[int, int] | None = None
+    ) -> None:
+        self.size = size or ((336, 336) if kind == "llava" else (448, 336))  # NeXT: 2 tiles
         self.next_seed = first_seed
 
     def take(self, n: int) -> list:
@@ -169,6 +208,22 @@ class FreshImages:
         seeds = range(self.next_seed, self.next_seed + n)
         self.next_seed += n
         return [make_test_image(seed, size=self.size) for seed in seeds]
+
+
+class FreshVideos:
+    """Test videos, each seed used once: no two requests to an engine share a video."""
+
+    def __init__(
+        self, frames: int, first_seed: int = 5000, size: tuple[int, int] = (336, 336)
+    ) -> None:
+        self.frames, self.next_seed, self.size = frames, first_seed, size
+
+    def take(self, n: int) -> list:
+        from vtw_vllm.testing import make_test_video
+
+        seeds = range(self.next_seed, self.next_seed + n)
+        self.next_seed += n
+        return [make_test_video(s, num_frames=self.frames, size=self.size) for s in seeds]
 
 
 def stats(values: list[float]) -> dict[str, Any]:
@@ -494,6 +549,70 @@ def over(value: dict[str, float] | float, base: dict[str, float] | float) -> flo
         return v["median"] if isinstance(v, dict) else v
 
     return med(value) / med(base)
+
+
+def check_bar(
+    stock: dict[str, Any], vtw: dict[str, Any], k: int, metric: str, op: str, bar: float
+) -> dict[str, Any]:
+    """One bar: VTW at ``k`` over stock (``measure_engine`` results) for ``metric``."""
+    value = over(vtw["per_k"][str(k)][metric], stock["per_k"]["None"][metric])
+    ok = value <= bar if op == "<=" else value >= bar
+    return {"k": k, "metric": metric, "ratio": value, "op": op, "bar": bar, "pass": ok}
+
+
+def budget_table(
+    stock: dict[str, Any],
+    vtw: dict[str, Any],
+    pools: tuple[int, int],
+    bound: Callable[[int], str],
+) -> list[str]:
+    """Stock and VTW per K (``measure_engine`` results, with ``kv_bound``): prefill,
+    decode, KV per request and what fits a KV budget of ``pools`` (stock's, VTW's)
+    blocks. ``bound(k)``: the FLOPs-bound cell of VTW at K = k (``benchmarks/video.py``
+    and ``benchmarks/qwen_vl.py``)."""
+    s = stock["per_k"]["None"]
+    lines = [
+        "| config | prefill tok/s | x stock | FLOPs bound: LM / all | decode tok/s | x stock | "
+        "KV blocks / req (per group) | KV layer-blocks / req | x stock | "
+        "requests that fit the KV budget | KV-bound req/s | x stock |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = [("stock", s, None, pools[0])]
+    rows += [(f"VTW K={k}", r, int(k), pools[1]) for k, r in vtw["per_k"].items()]
+    for name, r, k, pool in rows:
+        lines.append(
+            f"| {name} | {fmt(r['prefill_tok_s'], 0)} | "
+            f"{over(r['prefill_tok_s'], s['prefill_tok_s']):.2f}x | "
+            f"{bound(k) if k is not None else '1.00x / 1.00x'} | "
+            f"{fmt(r['decode_tok_s'])} | {over(r['decode_tok_s'], s['decode_tok_s']):.2f}x | "
+            f"{r['kv_blocks']} | {r['kv_layer_blocks']} | "
+            f"{over(r['kv_layer_blocks'], s['kv_layer_blocks']):.2f}x | "
+            f"{pool // sum(r['kv_blocks'])} | {r['kv_bound_req_s']:.3f} | "
+            f"{over(r['kv_bound_req_s'], s['kv_bound_req_s']):.2f}x |"
+        )
+    return lines
+
+
+def engines_table(rows: list[tuple[str, dict[str, Any], int, float]]) -> list[str]:
+    """What each engine ran with (:func:`engine_settings`): rows of (name, settings,
+    cached tokens of its timed requests, seconds until its child finished)."""
+    lines = [
+        "Engines as run (read back from each engine's config; cached tokens: the prefix-cache "
+        "hits the engine reported for its timed requests):",
+        "",
+        "| engine | prefix caching | enforce_eager | compilation | async sched. | "
+        "max batched tokens | max seqs | KV groups | block size | blocks | cached tokens | "
+        "child s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, e, cached, seconds in rows:
+        lines.append(
+            f"| {name} | {e['enable_prefix_caching']} | {e['enforce_eager']} | "
+            f"{e['compilation_mode']} | {e['async_scheduling']} | {e['max_num_batched_tokens']} "
+            f"| {e['max_num_seqs']} | {e['kv_cache_groups']} | {e['block_size']} | "
+            f"{e['num_blocks']} | {cached} | {seconds:.0f} |"
+        )
+    return lines
 
 
 def offline_table(kind: str, stock: dict[str, Any], vtw: dict[str, Any]) -> list[str]:
