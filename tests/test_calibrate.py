@@ -269,7 +269,7 @@ def test_cli_rejects_a_non_empty_out_before_starting_an_engine(model_dir, tmp_pa
 def test_cli_rejects_a_model_that_is_not_llava(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
     proc = _cli("--model", str(tmp_path), "--data", str(tmp_path / "x.jsonl"))
-    assert proc.returncode == 2 and "is not a LLaVA model" in proc.stderr
+    assert proc.returncode == 2 and "is not a model VTW serves" in proc.stderr
 
 
 def test_folder_of_images_with_one_prompt(tmp_path):

@@ -70,7 +70,7 @@ def test_allowed_k_and_force(src, tmp_path):
         (["--vtw-k", "4", "--out", "{nonempty}"], "exists and is not empty (--force replaces it)"),
         (["--vtw-k", "4", "--out", "{nonempty}", "--force"], "holds files that prepare did not"),
         (["--vtw-k", "4", "--out", "{src}", "--force"], "is the source model directory"),
-        (["--vtw-k", "4", "--model", "{notllava}"], "is not a LLaVA model"),
+        (["--vtw-k", "4", "--model", "{notllava}"], "is not a model VTW serves"),
         (["--vtw-k", "4", "--model", "{empty}"], "no config.json"),
     ],
 )

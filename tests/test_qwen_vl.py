@@ -17,8 +17,10 @@ equals the uncached run. A small eager Qwen3-VL engine checks the KV blocks of e
 layer group at every step through chunked prefill, preemption and an abort.
 """
 
+import json
 import math
 
+import numpy as np
 import pytest
 from conftest import assert_close, first_logprobs, vllm_engine
 
@@ -262,3 +264,76 @@ def test_blocks_follow_formula_every_step_and_return(small_engine):
     _, videos = _media(spec)
     ref = vtw_generate(str(get_fixture("qwen3_vl")), text, [], 2, DECODE, videos=videos)
     assert list(outputs["r1"].outputs[0].token_ids) == ref.token_ids
+
+
+# -- the tools on a Qwen checkpoint: calibrate (image and video files), evaluate -----------
+
+
+def test_calibrate_and_evaluate_cli(tmp_path):
+    """``vtw-vllm calibrate`` wraps plain questions in Qwen's chat template and sends a
+    video file's frames with vLLM's metadata (Qwen-VL's temporal positions need it); its
+    KL equals the reference's; ``--out`` writes a Qwen3-VL VTW directory that ``vtw-vllm
+    evaluate`` serves at every K asked."""
+    from conftest import run_cli
+
+    from vtw_vllm import calibrate as cal
+    from vtw_vllm.testing import decode_video, mp4_bytes
+    from vtw_vllm.testing.video_files import MP4_FPS
+
+    model = str(get_fixture("qwen3_vl"))
+    image = make_test_image(50, size=(224, 224))
+    image.save(tmp_path / "a.png")
+    (tmp_path / "b.mp4").write_bytes(mp4_bytes(make_test_video(51, num_frames=4, size=(224, 224))))
+    rows = [
+        {"image": "a.png", "prompt": "Describe the image."},
+        {"video": "b.mp4", "prompt": "What happens in the video?"},
+    ]
+    data = tmp_path / "cal.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    engine_args = json.dumps({"dtype": "float32", "enforce_eager": True, "max_model_len": 2048})
+    table, out = tmp_path / "kl.md", tmp_path / "vtw"
+    proc = run_cli(
+        "calibrate", "--model", model, "--data", str(data), "--candidates", "1", "3", "8",
+        "--layer-group-size", "1", "--table", str(table), "--out", str(out),
+        "--engine-args", engine_args,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 samples" in proc.stdout
+    kl = {}
+    for line in table.read_text().splitlines()[2:5]:
+        cells = [c.strip() for c in line.split("|")]
+        kl[int(cells[1].split()[0])] = float(cells[2])
+    assert sorted(kl) == [1, 3, 8] and kl[8] < 1e-6 and kl[1] > 0.01
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == [ARCHS["qwen3_vl"]]
+    assert config["vtw_k"] == 8  # no K below N qualifies at eta 0.003 on random weights
+    # K = 3 averages the reference's KL of both samples (the video as vLLM decodes the
+    # file, its timestamps from the file's frame rate).
+    video = decode_video((tmp_path / "b.mp4").read_bytes())
+    n = len(video)
+    metadata = [{"fps": MP4_FPS, "frames_indices": list(range(n)), "total_num_frames": n}]
+    kls = []
+    for text, images, videos in (
+        (f"{IMAGE}Describe the image.", [image], {}),
+        (f"{VIDEO}What happens in the video?", [], {"videos": [video], "video_metadata": metadata}),
+    ):
+        full, vtw = (
+            vtw_generate(model, _chat(text), images, k, 1, **videos).first_logprobs for k in (8, 3)
+        )
+        kls.append(cal._kl(full.double().numpy(), vtw.double().numpy()))
+    assert kl[3] == pytest.approx(np.mean(kls), rel=1e-2)
+
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(
+        json.dumps({"image": "a.png", "question": "Describe the image.", "answer": "x"})
+        + "\n"
+        + json.dumps({"video": "b.mp4", "question": "What happens?", "answer": "y"})
+        + "\n"
+    )
+    proc = run_cli(
+        "evaluate", "--model", str(out), "--data", str(qa), "--k", "3", "8",
+        "--layer-group-size", "1",
+        "--engine-args", engine_args,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-2000:]
+    assert "| 3 |" in proc.stdout and "| 8 |" in proc.stdout, proc.stdout

@@ -29,6 +29,14 @@ def _config(**kwargs):
             dict(kv_transfer_config={"kv_connector": "ExampleConnector", "kv_role": "kv_both"}),
             "KV connectors",
         ),
+        (
+            dict(
+                model=str(get_fixture("qwen2_5_vl")),
+                hf_overrides={"architectures": ["Qwen2_5_VLVTWForConditionalGeneration"]},
+                video_pruning_rate=0.5,
+            ),
+            "VTW does not compose with EVS video pruning",
+        ),
     ],
 )
 def test_refused_with_a_clear_error(kwargs, match):
@@ -65,7 +73,11 @@ def test_parallel_modes_refused(parallel, match):
         enable_dbo=False, ubatch_size=1, decode_context_parallel_size=1,
         prefill_context_parallel_size=1,
     )  # fmt: skip
-    config = SimpleNamespace(lora_config=None, parallel_config=SimpleNamespace(**base))
+    config = SimpleNamespace(
+        lora_config=None,
+        parallel_config=SimpleNamespace(**base),
+        model_config=SimpleNamespace(multimodal_config=None),
+    )
     _refuse_unsupported(config)  # the defaults pass
     config.parallel_config = SimpleNamespace(**{**base, **parallel})
     with pytest.raises(ValueError, match=match):

@@ -1,8 +1,9 @@
 """``vllm serve`` with VTW video models on loopback, ``vtw_allowed_k`` [2, 4] (K = 2, 4 and
 8 = N), one server per model for the module: the tiny LLaVA-OneVision at vLLM's defaults
 (compiled, prefix caching on; only the memory is sized), for a chat with an image and a
-video together, and the tiny LLaVA-NeXT-Video the same way but eager (its compiled path
-is the same layer-span code; one compile fewer keeps CI short). Chat completions carry an MP4 as
+video together, the tiny LLaVA-NeXT-Video the same way but eager (its compiled path
+is the same layer-span code; one compile fewer keeps CI short), and the tiny Qwen2.5-VL
+(eager) for an image and a video in Qwen's chat format. Chat completions carry an MP4 as
 a ``video_url`` data URL (decoded by vLLM's default OpenCV loader) and a per-request K in
 ``vllm_xargs``; the tokens equal the transformers reference on the frames the MP4 decodes
 to. The model runs its layers as compiled spans (one per KV group), withdrawal steps too.
@@ -153,3 +154,50 @@ def test_served_compiled_with_one_span_per_kv_group(onevision_server):
 
 def test_no_request_left_running(video_server):
     assert metric(video_server, "vllm:num_requests_running") == 0
+
+
+@pytest.fixture(scope="module")
+def qwen_server(tmp_path_factory):
+    yield from _serve(
+        "qwen2_5_vl",
+        "Qwen2_5_VLVTWForConditionalGeneration",
+        {"image": 1, "video": 1},
+        tmp_path_factory,
+        eager=True,  # Qwen3-VL's compiled spans are tested offline (test_qwen_vl.py)
+    )
+
+
+def test_qwen_image_and_video_chat_matches_reference(qwen_server):
+    """Qwen2.5-VL served: an image and an MP4 in one chat (Qwen's chat template; M-RoPE
+    temporal positions from the file's frame rate), K per request; equal to the reference
+    (the M-RoPE rows keeping their 3-D positions); a bad K is a 400 and the server goes on."""
+    video = _video(14)
+    frames = decode_video(video)
+    n = len(frames)
+    metadata = [{"fps": MP4_FPS, "frames_indices": list(range(n)), "total_num_frames": n}]
+    prompt = (
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
+        f"<|vision_start|><|video_pad|><|vision_end|>{QUESTION}<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    tokens = {}
+    for k in (2, None, 8):  # None: the deployment's default K = 4
+        resp = _chat(qwen_server, video, vtw_k=k, image_seed=6)
+        assert resp.status_code == 200, resp.text
+        data = resp.json()
+        ref = vtw_generate(
+            qwen_server["model"],
+            prompt,
+            [make_test_image(6)],
+            DEFAULT_K if k is None else k,
+            MAX_TOKENS,
+            videos=[frames],
+            video_metadata=metadata,
+        )
+        assert data["prompt_token_ids"] == ref.prompt_token_ids
+        tokens[k] = data["choices"][0]["token_ids"]
+        assert tokens[k] == ref.token_ids, f"vtw_k={k}"
+    assert tokens[2] != tokens[8], "withdrawing at layer 2 should change this tiny model's answer"
+    bad = _chat(qwen_server, video, vtw_k=3)
+    assert bad.status_code == 400 and str(ALLOWED) in bad.json()["error"]["message"]
+    assert metric(qwen_server, "vllm:num_requests_running") == 0

@@ -36,6 +36,14 @@ VTW_ARCHITECTURES = {
     "LlavaNextVideoForConditionalGeneration": "LlavaNextVideoVTWForConditionalGeneration",
     "LlavaOnevisionVTWForConditionalGeneration": "LlavaOnevisionVTWForConditionalGeneration",
     "LlavaNextVideoVTWForConditionalGeneration": "LlavaNextVideoVTWForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration": "Qwen2_5_VLVTWForConditionalGeneration",
+    "Qwen3VLForConditionalGeneration": "Qwen3VLVTWForConditionalGeneration",
+    "Qwen2_5_VLVTWForConditionalGeneration": "Qwen2_5_VLVTWForConditionalGeneration",
+    "Qwen3VLVTWForConditionalGeneration": "Qwen3VLVTWForConditionalGeneration",
+}
+# Architectures refused with a reason (not a bare "unsupported").
+REFUSED_ARCHITECTURES = {
+    "Qwen3VLMoeForConditionalGeneration": "Qwen3-VL MoE is not supported yet (dense Qwen3-VL is)",
 }
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 # Frames sampled (uniformly) from a video file: what `vllm serve` samples by default
@@ -56,6 +64,7 @@ class CalibrationSample:
     image: Image.Image | None
     prompt: str
     video: np.ndarray | None = None  # [frames, height, width, 3] uint8 RGB
+    video_metadata: dict[str, Any] | None = None  # fps, frame indices (Qwen-VL needs them)
 
     @property
     def modality(self) -> str:
@@ -63,7 +72,17 @@ class CalibrationSample:
 
     @property
     def multi_modal_data(self) -> dict[str, Any]:
-        return {"video": self.video} if self.video is not None else {"image": self.image}
+        return media_data(self.image, self.video, self.video_metadata)
+
+
+def media_data(
+    image: Image.Image | None, video: np.ndarray | None, metadata: dict[str, Any] | None
+) -> dict[str, Any]:
+    """vLLM's ``multi_modal_data`` of one image or one video (with its metadata: the
+    frames' timestamps, which Qwen-VL's temporal positions are computed from)."""
+    if video is None:
+        return {"image": image}
+    return {"video": (video, metadata) if metadata is not None else video}
 
 
 @dataclass
@@ -135,31 +154,36 @@ def _media_bytes(ref: str, base: Path, where: str, what: str) -> bytes:
     return path.read_bytes()
 
 
-def open_video(ref: str, base: Path, where: str, num_frames: int = VIDEO_NUM_FRAMES) -> np.ndarray:
+def open_video(
+    ref: str, base: Path, where: str, num_frames: int = VIDEO_NUM_FRAMES
+) -> tuple[np.ndarray, dict[str, Any]]:
     """A video file (path or data URL, any container OpenCV reads: mp4, webm, mkv, ...)
     decoded by vLLM's own video loader, ``num_frames`` sampled uniformly as `vllm serve`
-    does: ``[frames, height, width, 3]`` uint8 RGB."""
+    does: ``[frames, height, width, 3]`` uint8 RGB, and vLLM's metadata of the frames."""
     data = _media_bytes(ref, base, where, "video")
     from vllm.multimodal.media.image import ImageMediaIO
     from vllm.multimodal.media.video import VideoMediaIO
 
     try:
-        frames, _ = VideoMediaIO(ImageMediaIO(), num_frames=num_frames).load_bytes(data).media
+        frames, metadata = (
+            VideoMediaIO(ImageMediaIO(), num_frames=num_frames).load_bytes(data).media
+        )
     except Exception as exc:  # any decoding failure is the user's data
         raise CalibrationError(f"{where}: cannot decode the video ({exc})") from exc
     frames = np.asarray(frames)
     if frames.ndim != 4 or not len(frames):
         raise CalibrationError(f"{where}: the video has no frames")
-    return frames
+    return frames, dict(metadata)
 
 
 def row_media(
     row: dict[str, Any], base: Path, where: str, num_frames: int = VIDEO_NUM_FRAMES
-) -> tuple[Image.Image | None, np.ndarray | None]:
-    """(image, video) of a row from :func:`media_rows`: exactly one is not None."""
+) -> tuple[Image.Image | None, np.ndarray | None, dict[str, Any] | None]:
+    """(image, video, video metadata) of a row from :func:`media_rows`: exactly one of
+    the image and the video is not None."""
     if "video" in row:
-        return None, open_video(row["video"], base, where, num_frames)
-    return _open_image(row["image"], base, where), None
+        return None, *open_video(row["video"], base, where, num_frames)
+    return _open_image(row["image"], base, where), None, None
 
 
 def media_rows(path: Path, expected: str) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -187,8 +211,8 @@ def _from_jsonl(
     for where, row in media_rows(path, '{"image" or "video": path or data URL, "prompt": ...}'):
         if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
             raise CalibrationError(f'{where}: "prompt" must be a non-empty string')
-        image, video = row_media(row, path.parent, where, num_frames)
-        samples.append(CalibrationSample(image, row["prompt"], video))
+        image, video, metadata = row_media(row, path.parent, where, num_frames)
+        samples.append(CalibrationSample(image, row["prompt"], video, metadata))
         if limit is not None and len(samples) == limit:
             break
     return samples
@@ -241,7 +265,7 @@ def load_samples(
 
 
 def vtw_architecture(model: str | Path) -> str:
-    """The VTW architecture serving ``model``; CalibrationError if it is not a LLaVA."""
+    """The VTW architecture serving ``model``; CalibrationError if VTW does not serve it."""
     config_path = Path(model) / "config.json"
     if not config_path.is_file():
         raise CalibrationError(f"{model}: no config.json (a local llava-hf checkpoint is needed)")
@@ -249,8 +273,10 @@ def vtw_architecture(model: str | Path) -> str:
     for name in architectures:
         if name in VTW_ARCHITECTURES:
             return VTW_ARCHITECTURES[name]
+        if name in REFUSED_ARCHITECTURES:
+            raise CalibrationError(f"{model}: {REFUSED_ARCHITECTURES[name]}")
     raise CalibrationError(
-        f"{model}: architectures {architectures} is not a LLaVA model "
+        f"{model}: architectures {architectures} is not a model VTW serves "
         f"(supported: {sorted(set(VTW_ARCHITECTURES) - set(VTW_ARCHITECTURES.values()))})"
     )
 
@@ -336,11 +362,12 @@ def job_engine(model: str | Path, layer_group_size: int | None = None, **engine_
 
 
 def _prompt_ids(llm, sample: CalibrationSample) -> list[int]:
-    """Token ids of the sample's prompt with one ``<image>`` or ``<video>`` placeholder
-    (vLLM expands it)."""
+    """Token ids of the sample's prompt with one image or video placeholder (``<image>``,
+    or Qwen-VL's ``<|image_pad|>``; vLLM expands it)."""
     tokenizer = llm.get_tokenizer()
     text = sample.prompt
-    if f"<{sample.modality}>" not in text:
+    placeholders = (f"<{sample.modality}>", f"<|{sample.modality}_pad|>")  # LLaVA, Qwen-VL
+    if not any(p in text for p in placeholders):
         content = [{"type": sample.modality}, {"type": "text", "text": text}]
         messages = [{"role": "user", "content": content}]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

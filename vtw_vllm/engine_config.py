@@ -98,6 +98,13 @@ def _refuse_unsupported(vllm_config) -> None:
             "VTW does not support LoRA yet (its per-token adapter indices cover every row "
             "of a step, and VTW withdraws rows mid-model); start without --enable-lora"
         )
+    mm_config = vllm_config.model_config.multimodal_config
+    if mm_config is not None and mm_config.is_multimodal_pruning_enabled():
+        raise ValueError(
+            "VTW does not compose with EVS video pruning (--video-pruning-rate) yet: VTW "
+            "would withdraw the video tokens EVS keeps, but that is not yet checked "
+            "against an independent reference; start without --video-pruning-rate"
+        )
     if parallel.enable_dbo or parallel.ubatch_size > 1:
         raise ValueError("VTW does not support microbatching (--enable-dbo / ubatch_size) yet")
     if parallel.decode_context_parallel_size > 1 or parallel.prefill_context_parallel_size > 1:

@@ -38,6 +38,11 @@ class Qwen2_5_VLVTWForConditionalGeneration(VTWModelMixin, Qwen2_5_VLForConditio
 
 
 class Qwen3VLVTWForConditionalGeneration(VTWModelMixin, Qwen3VLForConditionalGeneration):
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        if vllm_config.model_config.hf_config.model_type == "qwen3_vl_moe":
+            raise ValueError("VTW does not support Qwen3-VL MoE yet (dense Qwen3-VL is)")
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kw):
         try:
             return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kw)

@@ -33,6 +33,7 @@ from PIL import Image
 from vtw_vllm.calibrate import (
     VIDEO_NUM_FRAMES,
     CalibrationError,
+    media_data,
     media_rows,
     progress_bar,
     row_media,
@@ -57,6 +58,7 @@ class EvalItem:
     answer: str
     type: str = "all"
     video: np.ndarray | None = None  # [frames, height, width, 3] uint8, instead of an image
+    video_metadata: dict[str, Any] | None = None  # vLLM's, as decoded (Qwen-VL needs it)
 
 
 def _field(row: dict[str, Any], name: str, where: str) -> str:
@@ -78,7 +80,7 @@ def load_eval_file(
     items: list[EvalItem] = []
     try:
         for where, row in media_rows(path, '{"image" or "video", "question", "answer"}'):
-            image, video = row_media(row, path.parent, where, num_frames)
+            image, video, metadata = row_media(row, path.parent, where, num_frames)
             items.append(
                 EvalItem(
                     image=image,
@@ -86,6 +88,7 @@ def load_eval_file(
                     answer=_field(row, "answer", where),
                     type=str(row.get("type", row.get("category", "all"))),
                     video=video,
+                    video_metadata=metadata,
                 )
             )
             if limit is not None and len(items) == limit:
@@ -135,8 +138,9 @@ def generate_answers(
     progress: bool = False,
 ) -> list[str]:
     """Greedy answers from a vLLM ``LLM`` (``k``: per-request VTW K; None: the engine's
-    default). Items with a video are asked in LLaVA-NeXT-Video's format, items without
-    an image or a video as text-only prompts. ``progress``: a
+    default). On LLaVA models items are asked in LLaVA-1.5's format (with a video in
+    LLaVA-NeXT-Video's; without an image or a video as text-only prompts), on the others
+    (Qwen-VL) in the model's chat template. ``progress``: a
     progress bar labelled with K (a long file takes minutes per K on a CPU)."""
     from vllm import SamplingParams
 
@@ -144,25 +148,27 @@ def generate_answers(
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, extra_args=extra)
     prompts: list[Any] = []
     for item in items:
-        if item.video is not None:
-            prompts.append(
-                {
-                    "prompt": VIDEO_PROMPT.format(question=item.question),
-                    "multi_modal_data": {"video": item.video},
-                }
-            )
-        elif item.image is None:
-            prompts.append(TEXT_ONLY_PROMPT.format(question=item.question))
+        modality = "video" if item.video is not None else "image" if item.image else None
+        prompt = _prompt_text(llm, modality, item.question)
+        if modality is None:
+            prompts.append(prompt)
         else:
-            prompts.append(
-                {
-                    "prompt": LLAVA_PROMPT.format(question=item.question),
-                    "multi_modal_data": {"image": item.image},
-                }
-            )
+            data = media_data(item.image, item.video, item.video_metadata)
+            prompts.append({"prompt": prompt, "multi_modal_data": data})
     bar = progress_bar(f"evaluate, K = {k if k is not None else 'default'}") if progress else False
     outputs = llm.generate(prompts, params, use_tqdm=bar)
     return [out.outputs[0].text for out in outputs]
+
+
+def _prompt_text(llm, modality: str | None, question: str) -> str:
+    """The prompt asking ``question`` about one image or video (or none)."""
+    if llm.llm_engine.model_config.hf_config.architectures[0].startswith("Llava"):
+        template = {"image": LLAVA_PROMPT, "video": VIDEO_PROMPT, None: TEXT_ONLY_PROMPT}
+        return template[modality].format(question=question)
+    content = ([{"type": modality}] if modality else []) + [{"type": "text", "text": question}]
+    return llm.get_tokenizer().apply_chat_template(
+        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+    )
 
 
 def evaluate(

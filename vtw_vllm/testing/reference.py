@@ -116,12 +116,15 @@ def vtw_generate(
     max_tokens: int,
     add_special_tokens: bool = True,  # False for chat-rendered prompts (no BOS), as vLLM
     videos: list[np.ndarray] | None = None,  # [frames, height, width, 3] uint8 each
+    video_metadata: list[dict] | None = None,  # per video: fps, frames_indices (Qwen-VL)
 ) -> ReferenceResult:
     """Greedy VTW generation; ``k >= num_hidden_layers`` is the plain model."""
     model, processor = _load(str(model_dir))
     media = {"images": images or None}
     if videos:
         media["videos"] = list(videos)
+    if video_metadata:
+        media["video_metadata"] = list(video_metadata)
     inputs = processor(
         text=prompt,
         return_tensors="pt",
