@@ -35,10 +35,14 @@ run() {  # name, then the command; records pass/fail in the report
 }
 
 run kernel-tests "$PY" -m pytest -q tests/test_gather_rows.py --junitxml="$OUT/kernel-tests.xml"
-ENGINE_TESTS="tests/test_vtw_engine.py tests/test_kv_accounting.py tests/test_prefix_cache.py"
+ENGINE_TESTS="tests/test_vtw_engine.py tests/test_kv_accounting.py tests/test_prefix_cache.py tests/test_qwen_vl.py"
+# VLLM_LOGGING_LEVEL=DEBUG turns on vLLM's check that every CUDA graph replays with the
+# input addresses it captured: a layer span fed a tensor at a new address each step (the
+# clone between spans, for one) fails loudly instead of reading stale
+# memory.
 for spec in TRITON_ATTN:float32 FLASH_ATTN:bfloat16; do
   backend=${spec%%:*} dtype=${spec##*:}
-  VTW_TEST_ATTENTION_BACKEND=$backend VTW_TEST_DTYPE=$dtype \
+  VLLM_LOGGING_LEVEL=DEBUG VTW_TEST_ATTENTION_BACKEND=$backend VTW_TEST_DTYPE=$dtype \
     run "engine-$backend-$dtype" "$PY" -m pytest -q $ENGINE_TESTS --junitxml="$OUT/engine-$backend.xml"
 done
 VTW_TEST_ATTENTION_BACKEND=FLASHINFER run flashinfer-refused "$PY" -m pytest -q \

@@ -110,7 +110,9 @@ def test_chosen_k_is_the_first_under_eta(result):
 def test_teacher_forced_tokens_and_candidates(model_dir, samples, llm, result):
     r = cal.calibrate(model_dir, samples, llm=llm, candidates=[8, 3], num_tokens=3, progress=False)
     assert sorted(r.kl) == [3, 8] and r.num_tokens == 3
-    assert max(r.kl[8]) < 1e-9 and min(r.kl[3]) > 0
+    # K = N is the standard model: KL 0 up to float noise (the teacher-forced steps run
+    # in other batch shapes than the standard answers: ~1e-8 on an Intel Xeon here).
+    assert max(r.kl[8]) < 1e-6 and min(r.kl[3]) > 1e-3
     assert r.kl[3] != result.kl[3]  # later answer tokens count too
     with pytest.raises(cal.CalibrationError, match=r"not allowed.*\[1, 2, 3"):
         cal.calibrate(model_dir, samples, llm=llm, candidates=[9], progress=False)

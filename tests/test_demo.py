@@ -10,7 +10,18 @@ import pytest
 @pytest.mark.engine
 def test_demo_prints_stock_and_vtw_side_by_side():
     proc = subprocess.run(
-        [sys.executable, "-m", "vtw_vllm.demo", "--num-prompts", "2", "--max-tokens", "4"],
+        # Eager: the main job's own code, without two ~40 s compiles (the compiled spans
+        # are tested in test_vtw_engine.py, test_video_server.py and test_qwen_vl.py).
+        [
+            sys.executable,
+            "-m",
+            "vtw_vllm.demo",
+            "--num-prompts",
+            "2",
+            "--max-tokens",
+            "4",
+            "--enforce-eager",
+        ],  # fmt: skip
         capture_output=True,
         text=True,
         timeout=600,

@@ -115,3 +115,19 @@ def test_layer_count_missing_from_the_config(tmp_path):
     out = prepare(tmp_path / "src", tmp_path / "out", 16)
     assert json.loads((out / "config.json").read_text())["vtw_allowed_k"] == [16]
     assert os.listdir(out) == ["config.json"]
+
+
+def test_qwen_checkpoints_map_to_their_vtw_class_and_moe_is_refused(tmp_path):
+    from vtw_vllm.calibrate import CalibrationError, vtw_architecture
+
+    for arch, vtw in [
+        ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLVTWForConditionalGeneration"),
+        ("Qwen3VLForConditionalGeneration", "Qwen3VLVTWForConditionalGeneration"),
+    ]:
+        (tmp_path / "config.json").write_text(json.dumps({"architectures": [arch]}))
+        assert vtw_architecture(tmp_path) == vtw
+    (tmp_path / "config.json").write_text(
+        json.dumps({"architectures": ["Qwen3VLMoeForConditionalGeneration"]})
+    )
+    with pytest.raises(CalibrationError, match="Qwen3-VL MoE is not supported yet"):
+        vtw_architecture(tmp_path)

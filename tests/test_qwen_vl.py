@@ -39,8 +39,9 @@ ARCHS = {
     "qwen3_vl": "Qwen3VLVTWForConditionalGeneration",
 }
 LIMIT = {"image": 2, "video": 1}
-# K = 1 withdraws before deepstack levels 1 and 2 reach the vision rows; K = 3 after all.
-KS = [1, DEEPSTACK_LEVELS, NUM_LAYERS - 2]
+# K = 1 withdraws before deepstack levels 1 and 2 reach the vision rows; K = 3 after all;
+# K = N: the fixture served as stock (K = N equals stock) equals the transformers model.
+KS = [1, DEEPSTACK_LEVELS, NUM_LAYERS - 2, NUM_LAYERS]
 
 
 def _chat(content: str) -> str:
@@ -142,6 +143,17 @@ def test_matches_reference(family, vtw, k):
         assert list(out.outputs[0].token_ids) == ref.token_ids, f"request {i}, K={k}"
         vllm_lp = first_logprobs(out)
         assert_close(vllm_lp, ref.first_logprobs[: len(vllm_lp)], atol=1e-3, what=f"req {i}")
+
+
+def test_questions_are_asked_in_the_chat_template(family):
+    from transformers import AutoTokenizer
+
+    from vtw_vllm.prompts import question_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(get_fixture(family))
+    for modality, pad in (("image", IMAGE), ("video", VIDEO), (None, "")):
+        prompt = question_prompt(ARCHS[family], tokenizer, modality, "What is it?")
+        assert prompt == _chat(f"{pad}What is it?")
 
 
 def test_vtw_changes_vision_requests_only(vtw, stock):

@@ -12,6 +12,7 @@ import pytest
 from conftest import run_cli
 
 from vtw_vllm import calibrate as cal
+from vtw_vllm.prompts import VIDEO_PROMPT
 from vtw_vllm.quality import evaluate as ev
 from vtw_vllm.quality.task import normalise
 from vtw_vllm.testing import decode_video, get_fixture, make_test_video, mp4_bytes
@@ -133,7 +134,7 @@ def test_evaluate_cli_on_videos(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(model)
     answers = {}
     for k in (2, 8):
-        prompt = ev.VIDEO_PROMPT.format(question=question)
+        prompt = VIDEO_PROMPT.format(question=question)
         tokens = vtw_generate(model, prompt, [], k, 8, videos=[frames]).token_ids
         if tokenizer.eos_token_id in tokens:  # the engine stops there
             tokens = tokens[: tokens.index(tokenizer.eos_token_id)]

@@ -1,9 +1,9 @@
-"""The main job: the same LLaVA requests through stock vLLM and through VTW, side by side.
+"""The main job: the same image requests through stock vLLM and through VTW, side by side.
 
 ``python -m vtw_vllm.demo [--model DIR] [--vtw-k K]`` (default: the shipped
 ``checkpoints/vqa-tiny``, trained by ``vtw_vllm.quality.train``, asked held-out questions
 with known answers; if absent, the tiny random-weight LLaVA-1.5 fixture with generic questions;
-K = N/2).
+K = N/2; any checkpoint VTW serves, LLaVA or Qwen-VL, with ``--model``).
 For each engine it prints the answers, prompt tokens, the KV blocks each request held
 (read from the scheduler's block tables) and the time. Each engine
 runs in its own child process with the engine core in-process, so its scheduler can be
@@ -24,6 +24,7 @@ from vtw_vllm.child_engine import (
     run_child,
     scheduler,
 )
+from vtw_vllm.prompts import engine_prompt
 
 TRAINED = Path(__file__).resolve().parents[1] / "checkpoints" / "vqa-tiny"
 QUESTIONS = [
@@ -35,36 +36,32 @@ QUESTIONS = [
 
 
 def _architecture(model: str, vtw: bool) -> str:
-    config = json.loads((Path(model) / "config.json").read_text())
-    base = "LlavaNext" if "LlavaNext" in config["architectures"][0] else "Llava"
-    return f"{base}{'VTW' if vtw else ''}ForConditionalGeneration"
+    """The checkpoint's own architecture (stock), or the VTW class serving it."""
+    from vtw_vllm.calibrate import vtw_architecture
+
+    if vtw:
+        return vtw_architecture(model)
+    return json.loads((Path(model) / "config.json").read_text())["architectures"][0]
 
 
 def demo_requests(model: str, n: int) -> list[tuple[str, object, str | None]]:
-    """(prompt, image, expected answer or None): the shapes-VQA task's held-out questions
-    for a model trained on it (its directory holds ``training_log.json``), else generic
-    questions about the fixtures' test images."""
+    """(question, image, expected answer or None): the shapes-VQA task's held-out
+    questions for a model trained on it (its directory holds ``training_log.json``), else
+    generic questions about the fixtures' test images."""
     if (Path(model) / "training_log.json").is_file():
         from vtw_vllm.quality import task
 
-        return [
-            (f"USER: <image>\n{qa.question} ASSISTANT:", scene.render(), qa.answer)
-            for scene, qa in task.held_out(n)
-        ]
+        return [(qa.question, scene.render(), qa.answer) for scene, qa in task.held_out(n)]
     from vtw_vllm.testing import make_test_image
 
-    return [
-        (
-            f"USER: <image>\n{QUESTIONS[i % len(QUESTIONS)]} ASSISTANT:",
-            make_test_image(100 + i),
-            None,
-        )
-        for i in range(n)
-    ]
+    return [(QUESTIONS[i % len(QUESTIONS)], make_test_image(100 + i), None) for i in range(n)]
 
 
-def run_engine(model: str, vtw_k: int | None, num_prompts: int, max_tokens: int) -> dict:
-    """Generate with one engine (stock when vtw_k is None) and measure it."""
+def run_engine(
+    model: str, vtw_k: int | None, num_prompts: int, max_tokens: int, eager: bool = False
+) -> dict:
+    """Generate with one engine (stock when vtw_k is None) and measure it; ``eager``:
+    without compilation (seconds to start instead of ~30 s on a CPU)."""
     in_process_engine_core()  # the scheduler lives in this process
     from vllm import LLM, SamplingParams
 
@@ -78,6 +75,7 @@ def run_engine(model: str, vtw_k: int | None, num_prompts: int, max_tokens: int)
         max_model_len=4096,
         max_num_seqs=8,
         kv_cache_memory_bytes=256 * 2**20,
+        enforce_eager=eager,
     )  # both at vLLM's defaults (compiled, prefix caching on; distinct images: no hits)
     sched = scheduler(llm)
     groups = sched.kv_cache_config.kv_cache_groups
@@ -85,7 +83,8 @@ def run_engine(model: str, vtw_k: int | None, num_prompts: int, max_tokens: int)
     # min_tokens=1: a request whose first token is </s> would finish inside its prefill
     # step and free its blocks before they can be read.
     params = SamplingParams(temperature=0.0, max_tokens=max(2, max_tokens), min_tokens=1)
-    for i, (prompt, image, _) in enumerate(demo_requests(model, num_prompts)):
+    for i, (question, image, _) in enumerate(demo_requests(model, num_prompts)):
+        prompt = engine_prompt(llm, "image", question)  # LLaVA's format or the chat template
         llm.llm_engine.add_request(
             str(i), {"prompt": prompt, "multi_modal_data": {"image": image}}, params
         )
@@ -123,17 +122,28 @@ def run_engine(model: str, vtw_k: int | None, num_prompts: int, max_tokens: int)
 
 def _child(model: str, vtw_k: int | None, args: argparse.Namespace) -> dict:
     """:func:`run_engine` in a fresh process (one engine per process)."""
-    return run_child("vtw_vllm.demo:run_engine", model, vtw_k, args.num_prompts, args.max_tokens)
+    return run_child(
+        "vtw_vllm.demo:run_engine",
+        model,
+        vtw_k,
+        args.num_prompts,
+        args.max_tokens,
+        args.enforce_eager,
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--model", help="llava-hf checkpoint dir (default: checkpoints/vqa-tiny, else fixture)"
+        "--model",
+        help="LLaVA or Qwen-VL checkpoint dir (default: checkpoints/vqa-tiny, else fixture)",
     )
     parser.add_argument("--vtw-k", type=int, help="withdrawal layer (default: N/2)")
     parser.add_argument("--num-prompts", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument(
+        "--enforce-eager", action="store_true", help="both engines without compilation"
+    )
     args = parser.parse_args()
 
     if args.model is None and (TRAINED / "config.json").is_file():
@@ -152,8 +162,7 @@ def main() -> None:
     print(f"\n{'':4} {'stock vLLM':<44} {'VTW K=' + str(k):<44}")
     asked = demo_requests(args.model, args.num_prompts)
     for i, (a, b) in enumerate(zip(stock["requests"], vtw["requests"], strict=True)):
-        prompt, _, expected = asked[i]
-        question = prompt.split("\n", 1)[1].removesuffix(" ASSISTANT:")
+        question, _, expected = asked[i]
         print(f"#{i:<3} {question}" + (f"  (expected: {expected})" if expected else ""))
         print(f"{'':4} {a['answer'][:42]!r:<44} {b['answer'][:42]!r:<44}")
         print(

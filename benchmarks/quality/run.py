@@ -99,6 +99,7 @@ def vtw_accuracy_and_kl(model: Path, items: list, calibration_samples: int, eta:
     """One VTW engine: accuracy at every K, then KL calibration on other samples."""
     from vtw_vllm import calibrate as cal
     from vtw_vllm.config import VTWConfig
+    from vtw_vllm.prompts import LLAVA_PROMPT
     from vtw_vllm.quality import evaluate as ev
     from vtw_vllm.quality import task
 
@@ -107,7 +108,7 @@ def vtw_accuracy_and_kl(model: Path, items: list, calibration_samples: int, eta:
         vtw = VTWConfig.from_hf_config(llm.llm_engine.vllm_config.model_config.hf_config)
         per_k = ev.evaluate(llm, items, vtw.allowed_k)
         samples = [
-            cal.CalibrationSample(scene.render(), ev.LLAVA_PROMPT.format(question=qa.question))
+            cal.CalibrationSample(scene.render(), LLAVA_PROMPT.format(question=qa.question))
             for scene, qa in task.held_out(calibration_samples, start=CALIBRATION_OFFSET)
         ]
         kl = cal.calibrate(model, samples, eta=eta, llm=llm, progress=False)
@@ -122,7 +123,7 @@ def attention_shares(model: Path, n: int) -> np.ndarray:
     import torch
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from vtw_vllm.quality import evaluate as ev
+    from vtw_vllm.prompts import LLAVA_PROMPT
     from vtw_vllm.quality import task
 
     processor = AutoProcessor.from_pretrained(model)
@@ -133,7 +134,7 @@ def attention_shares(model: Path, n: int) -> np.ndarray:
     eos = processor.tokenizer.eos_token
     total = None
     for scene, qa in task.held_out(n):
-        prompt = ev.LLAVA_PROMPT.format(question=qa.question)
+        prompt = LLAVA_PROMPT.format(question=qa.question)
         inputs = processor(text=prompt + " " + qa.answer + eos, images=scene.render(),
                            return_tensors="pt")  # fmt: skip
         prompt_len = processor(text=prompt, images=scene.render(), return_tensors="pt")[

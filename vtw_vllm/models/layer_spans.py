@@ -25,13 +25,13 @@ from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 
 # Every input of a span has the step's row count as one dim (one symbol, "rows"): dim 0 of
-# the hidden states, the last dim of the positions ([rows], or [3, rows] for M-RoPE), dim 1
-# of Qwen3-VL's deepstack features ([levels, rows, hidden]).
+# the hidden states, the last dim of the positions ([rows], or [3, rows] for M-RoPE), dim 0
+# of Qwen3-VL's deepstack features ([rows, levels, hidden]).
 _DYNAMIC_DIMS = {
     "positions": {-1: "rows"},
     "hidden_states": {0: "rows"},
     "residual": {0: "rows"},
-    "deepstack": {1: "rows"},
+    "deepstack": {0: "rows"},
 }
 
 
@@ -59,8 +59,8 @@ def _span_class(start: int, end: int) -> type[_LayerSpanBase]:
             hidden_states, residual = layer(positions, hidden_states, residual)
             # Qwen3-VL: level i of the deepstack features (zero on all but vision rows)
             # joins the stream after decoder layer i, as in vLLM's Qwen3LLMModel.
-            if deepstack is not None and idx < deepstack.shape[0]:
-                hidden_states = hidden_states + deepstack[idx]
+            if deepstack is not None and idx < deepstack.shape[1]:
+                hidden_states = hidden_states + deepstack[:, idx]
         return hidden_states, residual
 
     forward.__qualname__ = f"{name}.forward"

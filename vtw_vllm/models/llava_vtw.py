@@ -80,7 +80,7 @@ class VTWModelMixin:
         return self._forward_spans(inputs_embeds, positions, plan, deepstack)
 
     def _vtw_deepstack(self, inputs_embeds: torch.Tensor) -> torch.Tensor | None:
-        """Features added to the stream after the first decoder layers, ``[levels, rows,
+        """Features added to the stream after the first decoder layers, ``[rows, levels,
         hidden]`` (Qwen3-VL's deepstack); None for models without them."""
         return None
 
@@ -103,7 +103,7 @@ class VTWModelMixin:
             if keep_index is not None:
                 hidden, residual, positions = _gather_rows(hidden, residual, positions, keep_index)
                 if deepstack is not None:
-                    deepstack = deepstack.index_select(1, keep_index)
+                    deepstack = deepstack.index_select(0, keep_index)
                 if hidden.shape[0] == 0:  # e.g. a prefill chunk holding only vision tokens
                     break
             hidden, residual = span(positions, hidden, residual, deepstack)

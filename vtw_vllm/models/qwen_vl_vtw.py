@@ -42,17 +42,31 @@ class Qwen3VLVTWForConditionalGeneration(VTWModelMixin, Qwen3VLForConditionalGen
         if vllm_config.model_config.hf_config.model_type == "qwen3_vl_moe":
             raise ValueError("VTW does not support Qwen3-VL MoE yet (dense Qwen3-VL is)")
         super().__init__(vllm_config=vllm_config, prefix=prefix)
+        if getattr(self, "deepstack_input_embeds", None):
+            self._resize_deepstack_input_embeds(self.deepstack_input_embeds[0].size(0))
+
+    def _resize_deepstack_input_embeds(self, num_tokens: int) -> None:
+        """Stock's per-level buffers become views of one ``[tokens, levels, hidden]``
+        buffer, so a step's deepstack input is a slice of it: at a fixed address (CUDA
+        graphs replay from the addresses they captured) and contiguous, as the rows
+        gathered from it at a withdrawal are (the compiled spans keep one layout)."""
+        hidden = self.deepstack_input_embeds[0]
+        self._vtw_deepstack_buffer = hidden.new_zeros(
+            num_tokens, self.deepstack_num_level, hidden.size(-1)
+        )
+        self.deepstack_input_embeds = list(self._vtw_deepstack_buffer.unbind(1))
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kw):
         try:
             return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kw)
-        finally:  # as stock: the step's deepstack buffer is zeroed for the next step
+        finally:  # as stock: the step's deepstack features are zeroed for the next step
             if inputs_embeds is not None:
                 self._clear_deepstack_input_embeds(inputs_embeds.size(0))
 
     def _vtw_deepstack(self, inputs_embeds: torch.Tensor) -> torch.Tensor | None:
-        levels = self._get_deepstack_input_embeds(inputs_embeds.size(0))
-        if levels is None:  # no vision tower (every modality limited to 0)
+        if not getattr(self, "deepstack_input_embeds", None):  # no vision tower
             return None
-        names = [f"deepstack_input_embeds_{i}" for i in range(self.deepstack_num_level)]
-        return torch.stack([levels[name] for name in names])
+        num_tokens = inputs_embeds.size(0)
+        if num_tokens > self._vtw_deepstack_buffer.size(0):
+            self._resize_deepstack_input_embeds(num_tokens)
+        return self._vtw_deepstack_buffer[:num_tokens]

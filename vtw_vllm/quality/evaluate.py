@@ -39,11 +39,9 @@ from vtw_vllm.calibrate import (
     row_media,
 )
 from vtw_vllm.config import EXTRA_ARGS_KEY
+from vtw_vllm.prompts import engine_prompt
 from vtw_vllm.quality.task import normalise
 
-LLAVA_PROMPT = "USER: <image>\n{question} ASSISTANT:"  # LLaVA-1.5 (v1 conversation)
-VIDEO_PROMPT = "USER: <video>\n{question} ASSISTANT:"  # LLaVA-NeXT-Video's format
-TEXT_ONLY_PROMPT = "USER: {question} ASSISTANT:"
 ALIASES = {"question": ("question", "text"), "answer": ("answer", "label")}
 
 
@@ -149,7 +147,7 @@ def generate_answers(
     prompts: list[Any] = []
     for item in items:
         modality = "video" if item.video is not None else "image" if item.image else None
-        prompt = _prompt_text(llm, modality, item.question)
+        prompt = engine_prompt(llm, modality, item.question)
         if modality is None:
             prompts.append(prompt)
         else:
@@ -158,17 +156,6 @@ def generate_answers(
     bar = progress_bar(f"evaluate, K = {k if k is not None else 'default'}") if progress else False
     outputs = llm.generate(prompts, params, use_tqdm=bar)
     return [out.outputs[0].text for out in outputs]
-
-
-def _prompt_text(llm, modality: str | None, question: str) -> str:
-    """The prompt asking ``question`` about one image or video (or none)."""
-    if llm.llm_engine.model_config.hf_config.architectures[0].startswith("Llava"):
-        template = {"image": LLAVA_PROMPT, "video": VIDEO_PROMPT, None: TEXT_ONLY_PROMPT}
-        return template[modality].format(question=question)
-    content = ([{"type": modality}] if modality else []) + [{"type": "text", "text": question}]
-    return llm.get_tokenizer().apply_chat_template(
-        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-    )
 
 
 def evaluate(
