@@ -1,12 +1,13 @@
 """``vllm serve`` with VTW video models on loopback, ``vtw_allowed_k`` [2, 4] (K = 2, 4 and
 8 = N), one server per model for the module: the tiny LLaVA-OneVision at vLLM's defaults
 (compiled, prefix caching on; only the memory is sized), for a chat with an image and a
-video together, the tiny LLaVA-NeXT-Video the same way but eager (its compiled path
-is the same layer-span code; one compile fewer keeps CI short), and the tiny Qwen2.5-VL
-(eager) for an image and a video in Qwen's chat format. Chat completions carry an MP4 as
-a ``video_url`` data URL (decoded by vLLM's default OpenCV loader) and a per-request K in
-``vllm_xargs``; the tokens equal the transformers reference on the frames the MP4 decodes
-to. The model runs its layers as compiled spans (one per KV group), withdrawal steps too.
+video together; the tiny LLaVA-NeXT-Video the same way but eager (its compiled path is
+the same layer-span code; one compile fewer keeps CI short); the tiny Qwen2.5-VL and
+Qwen3-VL (eager) for an image and a video in Qwen's chat format. Chat completions carry
+an MP4 as a ``video_url`` data URL (decoded by vLLM's default OpenCV loader) and a
+per-request K in ``vllm_xargs``; the tokens equal the transformers reference on the
+frames the MP4 decodes to. The model runs its layers as compiled spans (one per KV
+group), withdrawal steps too.
 """
 
 import base64
@@ -156,11 +157,17 @@ def test_no_request_left_running(video_server):
     assert metric(video_server, "vllm:num_requests_running") == 0
 
 
-@pytest.fixture(scope="module")
-def qwen_server(tmp_path_factory):
+QWEN_ARCHS = {
+    "qwen2_5_vl": "Qwen2_5_VLVTWForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLVTWForConditionalGeneration",
+}
+
+
+@pytest.fixture(scope="module", params=list(QWEN_ARCHS))
+def qwen_server(request, tmp_path_factory):
     yield from _serve(
-        "qwen2_5_vl",
-        "Qwen2_5_VLVTWForConditionalGeneration",
+        request.param,
+        QWEN_ARCHS[request.param],
         {"image": 1, "video": 1},
         tmp_path_factory,
         eager=True,  # Qwen3-VL's compiled spans are tested offline (test_qwen_vl.py)
@@ -168,9 +175,11 @@ def qwen_server(tmp_path_factory):
 
 
 def test_qwen_image_and_video_chat_matches_reference(qwen_server):
-    """Qwen2.5-VL served: an image and an MP4 in one chat (Qwen's chat template; M-RoPE
-    temporal positions from the file's frame rate), K per request; equal to the reference
-    (the M-RoPE rows keeping their 3-D positions); a bad K is a 400 and the server goes on."""
+    """Qwen2.5-VL and Qwen3-VL served: an image and an MP4 in one chat (Qwen's chat
+    template; M-RoPE temporal positions, and Qwen3-VL's frame timestamps, from the file's
+    frame rate), K per request; equal to the reference (the M-RoPE rows keeping their 3-D
+    positions; Qwen3-VL's deepstack levels before K); a bad K is a 400 and the server goes
+    on."""
     video = _video(14)
     frames = decode_video(video)
     n = len(frames)
