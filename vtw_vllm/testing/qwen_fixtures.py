@@ -98,6 +98,25 @@ def build_qwen_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+def _vision_token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
+    """The config fields naming the vision tokens (the same in both families)."""
+    ids = tokenizer.convert_tokens_to_ids
+    return dict(
+        image_token_id=ids(IMAGE_PAD),
+        video_token_id=ids(VIDEO_PAD),
+        vision_start_token_id=ids(VISION_START),
+        vision_end_token_id=ids(VISION_END),
+    )
+
+
+def _save(model, processor, out_dir: str | os.PathLike) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
 def build_qwen2_5_vl(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     """Write a Qwen2.5-VL-shaped checkpoint to ``out_dir`` (8 decoder layers, hidden 128,
     4 heads / 2 KV heads of dim 32, ``mrope_section`` [4, 6, 6] (16 = head_dim / 2, as
@@ -136,26 +155,24 @@ def build_qwen2_5_vl(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     config = Qwen2_5_VLConfig(
         text_config=text_config,
         vision_config=vision_config,
-        image_token_id=ids(IMAGE_PAD),
-        video_token_id=ids(VIDEO_PAD),
-        vision_start_token_id=ids(VISION_START),
-        vision_end_token_id=ids(VISION_END),
+        **_vision_token_ids(tokenizer),
         tie_word_embeddings=False,
     )
     model = _init_model(Qwen2_5_VLForConditionalGeneration, config, seed)
     size = {"shortest_edge": _MIN_PIXELS, "longest_edge": _MAX_PIXELS}
-    common = dict(size=size, patch_size=_PATCH_SIZE, merge_size=_MERGE_SIZE, temporal_patch_size=2)
+    common = dict(
+        size=size,
+        patch_size=_PATCH_SIZE,
+        merge_size=_MERGE_SIZE,
+        temporal_patch_size=_TEMPORAL_PATCH,
+    )
     processor = Qwen2_5_VLProcessor(
         image_processor=Qwen2VLImageProcessor(**common),
         tokenizer=tokenizer,
         video_processor=Qwen2VLVideoProcessor(**common, cap_pixels_per_frame=False),
         chat_template=CHAT_TEMPLATE,
     )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    return _save(model, processor, out_dir)
 
 
 # Qwen3-VL: 16 px patches, 2 x 2 merged (a 448 x 448 image is 196 tokens, a 224 x 224
@@ -210,10 +227,7 @@ def build_qwen3_vl(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     config = Qwen3VLConfig(
         text_config=text_config,
         vision_config=vision_config,
-        image_token_id=ids(IMAGE_PAD),
-        video_token_id=ids(VIDEO_PAD),
-        vision_start_token_id=ids(VISION_START),
-        vision_end_token_id=ids(VISION_END),
+        **_vision_token_ids(tokenizer),
         tie_word_embeddings=False,
     )
     model = _init_model(Qwen3VLForConditionalGeneration, config, seed)
@@ -232,11 +246,7 @@ def build_qwen3_vl(out_dir: str | os.PathLike, seed: int = 0) -> Path:
         ),
         chat_template=CHAT_TEMPLATE,
     )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    return _save(model, processor, out_dir)
 
 
 def video_metadata(num_frames: int, fps: float = 24.0) -> dict:
