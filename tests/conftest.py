@@ -198,10 +198,12 @@ def served(model_dir: str, args: list[str], log_path) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def vtw_server(tmp_path_factory):
-    """``vllm serve DIR --served-model-name llava-vtw`` on loopback, DIR written by
-    ``vtw-vllm prepare`` from the tiny LLaVA (default K=4, allowed K 2, 4, 6, 8): VTW with
-    no ``--hf-overrides``; a small KV budget. Yields base URL, served model name, the
-    source checkpoint (for the reference) and log path."""
+    """``vllm serve DIR --served-model-name llava-vtw --data-parallel-size 2`` on loopback,
+    DIR written by ``vtw-vllm prepare`` from the tiny LLaVA (default K=4, allowed K 2, 4,
+    6, 8): VTW with no ``--hf-overrides``; a small KV budget per engine. Data parallel, as
+    users scale out: two engine cores (each its own scheduler and KV pool) behind two API
+    servers sharing the port. Yields base URL, served model name, the source checkpoint
+    (for the reference), log path and the data-parallel size."""
     from vtw_vllm.prepare import prepare
     from vtw_vllm.testing import get_fixture
 
@@ -209,13 +211,22 @@ def vtw_server(tmp_path_factory):
     model_dir = prepare(source, tmp_path_factory.mktemp("prepared") / "llava-vtw", 4, [2, 4, 6])
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     args = [
-        "--served-model-name", "llava-vtw",
+        "--served-model-name", "llava-vtw", "--data-parallel-size", "2",
         "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
         "--max-logprobs", "-1", "--kv-cache-memory-bytes", str(SERVER_KV_BYTES),
         "--max-num-seqs", "16", "--limit-mm-per-prompt", json.dumps({"image": 2}),
     ]  # fmt: skip
-    with served(str(model_dir), args, log_path) as base:
-        yield {"base": base, "model": "llava-vtw", "source": source, "log": log_path}
+    with (
+        environment(VLLM_CPU_OMP_THREADS_BIND="0|1"),  # one core per engine core
+        served(str(model_dir), args, log_path) as base,
+    ):
+        yield {
+            "base": base,
+            "model": "llava-vtw",
+            "source": source,
+            "log": log_path,
+            "data_parallel_size": 2,
+        }
 
 
 def data_url(seed: int) -> str:
@@ -225,6 +236,16 @@ def data_url(seed: int) -> str:
     buf = io.BytesIO()
     make_test_image(seed).save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def metric_per_engine(server: dict, name: str) -> dict[str, float]:
+    """A Prometheus metric per engine core (its ``engine`` label), summed over the rest."""
+    values: dict[str, float] = {}
+    for line in httpx.get(f"{server['base']}/metrics", timeout=10).text.splitlines():
+        if line.split("{")[0] == name and 'engine="' in line:
+            engine = line.split('engine="')[1].split('"')[0]
+            values[engine] = values.get(engine, 0.0) + float(line.split()[-1])
+    return values
 
 
 def metric(server: dict, name: str) -> float:

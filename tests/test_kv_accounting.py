@@ -3,37 +3,46 @@ every step for every allowed K, and every block returns to the pool. In-process 
 scheduler inspected between steps; deployment-wide default K=4 through ``hf_overrides``,
 layer groups of 2 (allowed K: 2, 4, 6, 8), per-request K through ``extra_args``.
 
-The KV budget (191 usable blocks of 32 tokens x 2 layers) holds the six requests (four
-with an image) at K <= 4 (<= 40 blocks per image request) but not at K = 6 (58) or 8
-(76): the K = 8 run goes through preemption and recompute."""
+The engine runs at tensor parallel size 2 (two worker processes over gloo, one KV head
+each), so everything here is also the TP test: chunked prefill with a vision-only chunk,
+preemption and resumed requests (whose resent image data crosses to both workers), aborts,
+bad K, every block back, tokens equal to the single-process reference.
+
+The KV budget (191 usable blocks of 32 tokens x 2 layers, 3 MiB per worker) holds the
+six requests (four with an image) at K <= 4 (<= 40 blocks per image request) but not at
+K = 6 (58) or 8 (76): the K = 8 run goes through preemption and recompute."""
 
 import math
 
 import pytest
-from conftest import vllm_engine
+from conftest import environment, vllm_engine
 
 from vtw_vllm.testing import get_fixture, make_test_image
 from vtw_vllm.testing.reference import vtw_generate
 from vtw_vllm.vision_ranges import kept_tokens, vision_ranges
 
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.engine, pytest.mark.timeout(600)]  # a hung rank fails, not stalls
 K, BLOCK_SIZE, MAX_TOKENS = 4, 32, 5  # CPU_ATTN needs multiples of 32
 
 
 @pytest.fixture(scope="module")
 def engine():
-    with vllm_engine(
-        str(get_fixture("llava")),
-        hf_overrides={
-            "architectures": ["LlavaVTWForConditionalGeneration"],
-            "vtw_k": K,
-            "vtw_layer_group_size": 2,
-        },
-        block_size=BLOCK_SIZE,
-        max_num_batched_tokens=256,  # chunked prefill: one chunk holds only vision tokens
-        kv_cache_memory_bytes=6 * 2**20,
-        max_model_len=1024,
-    ) as llm:
+    with (
+        environment(VLLM_CPU_OMP_THREADS_BIND="0|1"),  # one core per rank on a 2-core box
+        vllm_engine(
+            str(get_fixture("llava")),
+            tensor_parallel_size=2,
+            hf_overrides={
+                "architectures": ["LlavaVTWForConditionalGeneration"],
+                "vtw_k": K,
+                "vtw_layer_group_size": 2,
+            },
+            block_size=BLOCK_SIZE,
+            max_num_batched_tokens=256,  # chunked prefill: one chunk holds only vision tokens
+            kv_cache_memory_bytes=3 * 2**20,  # per worker, whose blocks hold half the KV heads
+            max_model_len=1024,
+        ) as llm,
+    ):
         yield llm
 
 

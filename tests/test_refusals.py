@@ -24,6 +24,10 @@ def _config(**kwargs):
             "VTW does not support speculative decoding",
         ),
         (dict(attention_backend="FLASHINFER"), "FlashInfer-style backends"),
+        (
+            dict(pipeline_parallel_size=2, enforce_eager=True),
+            "pipeline parallelism needs torch.compile",
+        ),
         (dict(kv_events_config={"enable_kv_cache_events": True}), "KV cache events"),
         (
             dict(kv_transfer_config={"kv_connector": "ExampleConnector", "kv_role": "kv_both"}),
@@ -71,12 +75,12 @@ def test_parallel_modes_refused(parallel, match):
 
     base = dict(
         enable_dbo=False, ubatch_size=1, decode_context_parallel_size=1,
-        prefill_context_parallel_size=1,
+        prefill_context_parallel_size=1, pipeline_parallel_size=1,
     )  # fmt: skip
     config = SimpleNamespace(
         lora_config=None,
         parallel_config=SimpleNamespace(**base),
-        model_config=SimpleNamespace(multimodal_config=None),
+        model_config=SimpleNamespace(multimodal_config=None, enforce_eager=False),
     )
     _refuse_unsupported(config)  # the defaults pass
     config.parallel_config = SimpleNamespace(**{**base, **parallel})

@@ -1,11 +1,13 @@
-"""``vllm serve`` with VTW on loopback (the session's shared server, see conftest.py):
-per-request K through ``vllm_xargs``, HTTP 400 for
-a bad K, and the vtw_server keeps serving. Images go through chat completions as data URLs
-(vLLM's completions endpoint takes no images)."""
+"""``vllm serve`` with VTW on loopback (the session's shared server, see conftest.py: data
+parallel, two engine cores behind two API servers): per-request K through ``vllm_xargs``,
+HTTP 400 for a bad K from every API server, both engine cores serving, and the vtw_server
+keeps serving. Images go through chat completions as data URLs (vLLM's completions
+endpoint takes no images). Each request opens its own connection, so the kernel spreads
+them over the API servers sharing the port."""
 
 import httpx
 import pytest
-from conftest import data_url, metric
+from conftest import data_url, metric_per_engine
 
 from vtw_vllm.testing import make_test_image
 from vtw_vllm.testing.reference import vtw_generate
@@ -105,5 +107,50 @@ def test_rejected_image_request_does_not_poison_the_mm_cache(vtw_server):
         assert good.status_code == 200, good.text
 
 
+def test_both_data_parallel_engines_serve_per_request_k(vtw_server):
+    """Eight chats at once, each its own image and K: every one equals the reference,
+    and each engine core (its own scheduler and KV pool) finished some of them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    seeds, ks = list(range(30, 38)), [2, 4, 6, 8] * 2
+    before = metric_per_engine(vtw_server, "vllm:request_success_total")
+    with ThreadPoolExecutor(len(seeds)) as pool:
+        bodies = [_chat_body(vtw_server, seed=s, vtw_k=k) for s, k in zip(seeds, ks, strict=True)]
+        responses = list(
+            pool.map(_post, [vtw_server] * len(seeds), ["chat/completions"] * 8, bodies)
+        )
+    for seed, k, resp in zip(seeds, ks, responses, strict=True):
+        assert resp.status_code == 200, resp.text
+        ref = vtw_generate(
+            vtw_server["source"],
+            f"USER: <image>\n{QUESTION} ASSISTANT:",
+            [make_test_image(seed)],
+            k,
+            MAX_TOKENS,
+            add_special_tokens=False,
+        )
+        assert resp.json()["choices"][0]["token_ids"] == ref.token_ids, f"image {seed}, K={k}"
+    after = metric_per_engine(vtw_server, "vllm:request_success_total")
+    assert sorted(after) == ["0", "1"], after
+    assert all(after[e] > before.get(e, 0.0) for e in after), (before, after)
+
+
+def test_bad_k_is_400_from_every_api_server(vtw_server):
+    """Each API server resolved the VTW architecture, whose config hook arms the vtw_k
+    check in that process; twenty bad requests, each on a new connection, so the kernel
+    hands them to both (all twenty to one server: a 2 x 2^-20 chance)."""
+    log = vtw_server["log"].read_text()
+    for i in range(vtw_server["data_parallel_size"]):
+        resolved = [ln for ln in log.splitlines() if ln.startswith(f"(ApiServer_{i} ")]
+        assert any(
+            "Resolved architecture: LlavaVTWForConditionalGeneration" in ln for ln in resolved
+        )
+    for _ in range(20):
+        resp = _post(vtw_server, "chat/completions", _chat_body(vtw_server, seed=1, vtw_k=3))
+        assert resp.status_code == 400, resp.text
+
+
 def test_no_request_left_running(vtw_server):
-    assert metric(vtw_server, "vllm:num_requests_running") == 0
+    for name in ("vllm:num_requests_running", "vllm:kv_cache_usage_perc"):
+        values = metric_per_engine(vtw_server, name)
+        assert sorted(values) == ["0", "1"] and not any(values.values()), (name, values)

@@ -108,7 +108,9 @@ def test_metrics_show_compacted_kv(vtw_server):
     template = {"images": [9], "question": QUESTIONS[0], "vtw_k": 2}
     body = {**_body(vtw_server, template, True), "max_tokens": max_tokens, "ignore_eos": True}
     info = httpx.get(f"{vtw_server['base']}/metrics", timeout=10).text
+    # One engine's pool: the info line sums the data-parallel engines' pools (vLLM).
     num_blocks = int(info.split('num_gpu_blocks="')[1].split('"')[0])
+    num_blocks //= vtw_server["data_parallel_size"]
     block_size = int(info.split('block_size="')[1].split('"')[0])
     url, name = f"{vtw_server['base']}/v1/chat/completions", "vllm:kv_cache_usage_perc"
 

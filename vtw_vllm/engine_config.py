@@ -15,9 +15,11 @@ fill in their defaults. It changes only what VTW cannot run with and says so:
   prefix and K, :mod:`vtw_vllm.kv_cache`); KV connectors and KV events are refused;
 - the multimodal processor cache stays on (a rejected request's images are dropped
   from it, :func:`vtw_vllm.vllm_patches.forget_rejected_request_images`);
-- pipeline parallelism, speculative decoding, LoRA, microbatching (DBO) and context
-  parallelism are refused; on CUDA the attention backend is FLASH_ATTN (16-bit) or TRITON_ATTN
-  (fp32) unless the user names one of them (FlashInfer is refused).
+- tensor, pipeline and data parallelism run as in stock (pipeline parallelism on the CPU
+  build only compiled, as stock); speculative decoding, LoRA, microbatching (DBO) and
+  context parallelism are refused;
+- on CUDA the attention backend is FLASH_ATTN (16-bit) or TRITON_ATTN (fp32) unless the
+  user names one of them (FlashInfer is refused).
 """
 
 from __future__ import annotations
@@ -61,8 +63,6 @@ class VTWEngineConfigHook(VerifyAndUpdateConfig):
         parallel = vllm_config.parallel_config
         if parallel.worker_cls == "auto":
             parallel.worker_cls = WORKER
-        if parallel.pipeline_parallel_size > 1:
-            raise ValueError("VTW does not support pipeline parallelism yet")
         if vllm_config.speculative_config is not None:
             raise ValueError("VTW does not support speculative decoding yet")
         _refuse_unsupported(vllm_config)
@@ -105,6 +105,16 @@ def _refuse_unsupported(vllm_config) -> None:
             "would withdraw the video tokens EVS keeps, but that is not yet checked "
             "against an independent reference; start without --video-pruning-rate"
         )
+    if parallel.pipeline_parallel_size > 1 and vllm_config.model_config.enforce_eager:
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            raise ValueError(
+                "On vLLM 0.32's CPU build, pipeline parallelism needs torch.compile (vLLM's "
+                "default): with --enforce-eager its CPU runner never allocates the buffers a "
+                "later stage receives into, and stock vLLM fails the same way at the first "
+                "step; start without --enforce-eager"
+            )
     if parallel.enable_dbo or parallel.ubatch_size > 1:
         raise ValueError("VTW does not support microbatching (--enable-dbo / ubatch_size) yet")
     if parallel.decode_context_parallel_size > 1 or parallel.prefill_context_parallel_size > 1:

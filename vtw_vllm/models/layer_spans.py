@@ -69,12 +69,20 @@ def _span_class(start: int, end: int) -> type[_LayerSpanBase]:
 
 
 def make_layer_spans(
-    vllm_config, layers: Sequence[nn.Module], starts: Sequence[int], prefix: str
+    vllm_config,
+    layers: Sequence[nn.Module],
+    starts: Sequence[int],
+    prefix: str,
+    stage: tuple[int, int] | None = None,
 ) -> list[_LayerSpanBase]:
-    """One compiled span per KV layer group; ``starts`` are the groups' first layers."""
+    """One compiled span per KV layer group within this pipeline stage's layers
+    ``stage = (start_layer, end_layer)`` (all layers without pipeline parallelism);
+    ``starts`` are the groups' first layers. A group cut by a stage boundary gives one
+    span on each side."""
     from vllm.compilation.backends import set_model_tag
 
-    bounds = [*starts, len(layers)]
+    first, last = stage if stage is not None else (0, len(layers))
+    bounds = sorted({first, *(s for s in starts if first < s < last)}) + [last]
     spans = []
     for start, end in zip(bounds, bounds[1:], strict=False):
         tag = f"vtw_layers_{start}_{end}"

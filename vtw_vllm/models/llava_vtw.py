@@ -14,15 +14,22 @@ nothing to withdraw (every decode step, text-only prefill) runs the spans back t
 in their piecewise CUDA graphs on a GPU. A step that withdraws rows runs the same
 compiled spans without CUDA graphs (the runner dispatches it so); see the README's
 feature table.
+
+Tensor parallelism needs nothing of its own (every rank gathers the same rows). Under
+pipeline parallelism each stage runs the spans of its own layers; a stage sends every
+row of the step to the next, with the rows it withdrew as zeros (vLLM sizes the stage
+transfer by the step's token count), and the next stage withdraws them again.
 """
 
 from __future__ import annotations
 
 import torch
+from vllm.distributed import get_pp_group
 from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.models.llava import LlavaForConditionalGeneration
 from vllm.model_executor.models.llava_next import LlavaNextForConditionalGeneration
+from vllm.sequence import IntermediateTensors
 from vllm.v1.kv_cache_interface import replace_as
 
 from vtw_vllm.config import VTWConfig
@@ -53,14 +60,19 @@ class VTWModelMixin:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.vtw_config = VTWConfig.from_hf_config(vllm_config.model_config.hf_config)
         text_model = self.language_model.model
-        if text_model.start_layer != 0 or text_model.end_layer != len(text_model.layers):
-            raise NotImplementedError("VTW does not support pipeline parallelism yet")
-        for idx, layer in enumerate(text_model.layers):
-            layer.self_attn.attn.__class__ = VTWAttention
-            layer.self_attn.attn.vtw_first_layer = self.vtw_config.group_start(idx)
+        # Pipeline parallelism: this stage owns layers [start_layer, end_layer).
+        self._vtw_stage = (text_model.start_layer, text_model.end_layer)
+        for idx in range(*self._vtw_stage):
+            attn = text_model.layers[idx].self_attn.attn
+            attn.__class__ = VTWAttention
+            attn.vtw_first_layer = self.vtw_config.group_start(idx)
         # Not registered as submodules: the layers' weights stay where vLLM loads them.
         self._vtw_spans = make_layer_spans(
-            vllm_config, text_model.layers, self.vtw_config.group_starts, prefix or "model"
+            vllm_config,
+            text_model.layers,
+            self.vtw_config.group_starts,
+            prefix or "model",
+            stage=self._vtw_stage,
         )
         self._vtw_span_starts = {span.start for span in self._vtw_spans}
         # On CUDA, vLLM hands back the output of a compiled unit's last CUDA graph as a
@@ -73,9 +85,13 @@ class VTWModelMixin:
         plan = None
         if is_forward_context_available():
             plan = get_forward_context().additional_kwargs.get(FORWARD_CONTEXT_KEY)
+        self.vtw_forward_counts["full" if plan is None else "withdrawal"] += 1
+        if not get_pp_group().is_first_rank:  # a later pipeline stage: every row arrives
+            hidden = intermediate_tensors["hidden_states"]
+            residual = intermediate_tensors["residual"]
+            return self._forward_spans(hidden, positions, plan, residual=residual)
         if inputs_embeds is None:
             inputs_embeds = self.language_model.model.embed_input_ids(input_ids)
-        self.vtw_forward_counts["full" if plan is None else "withdrawal"] += 1
         deepstack = self._vtw_deepstack(inputs_embeds)
         return self._forward_spans(inputs_embeds, positions, plan, deepstack)
 
@@ -90,25 +106,44 @@ class VTWModelMixin:
         positions: torch.Tensor,
         plan: ModelPlan | None,
         deepstack: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor | IntermediateTensors:
+        """This stage's spans, withdrawing rows at the plan's layers. Under pipeline
+        parallelism every stage receives and sends all rows of the step (vLLM's stage
+        transfer and its buffers are sized by the step's token count): a later stage
+        first withdraws the rows earlier stages withdrew, and a stage that is not the
+        last scatters its rows back into place (withdrawn rows are zeros, never read)."""
         text_model = self.language_model.model
         num_tokens = hidden.shape[0]
-        residual = None
-        withdrawals = dict(plan.withdrawals) if plan is not None else {}
-        if not withdrawals.keys() <= self._vtw_span_starts:
-            raise RuntimeError(f"withdrawal at layers {sorted(withdrawals)}: not all span starts")
+        stage_start, stage_end = self._vtw_stage
+        withdrawals = plan.withdrawals if plan is not None else []
+        earlier = [keep for layer, keep in withdrawals if layer < stage_start]
+        here = {layer: keep for layer, keep in withdrawals if stage_start <= layer < stage_end}
+        if not here.keys() <= self._vtw_span_starts:
+            raise RuntimeError(f"withdrawal at layers {sorted(here)}: not all span starts")
+        alive = None  # original rows of the current rows, once any has left
+        for keep in earlier:
+            alive = keep if alive is None else alive.index_select(0, keep)
+        if alive is not None:
+            hidden, residual, positions = _gather_rows(hidden, residual, positions, alive)
         last = len(self._vtw_spans) - 1
         for i, span in enumerate(self._vtw_spans):
-            keep_index = withdrawals.get(span.start)
+            keep_index = here.get(span.start)
             if keep_index is not None:
                 hidden, residual, positions = _gather_rows(hidden, residual, positions, keep_index)
                 if deepstack is not None:
                     deepstack = deepstack.index_select(0, keep_index)
+                alive = keep_index if alive is None else alive.index_select(0, keep_index)
                 if hidden.shape[0] == 0:  # e.g. a prefill chunk holding only vision tokens
                     break
             hidden, residual = span(positions, hidden, residual, deepstack)
             if self._vtw_clone_between_spans and i < last:
                 hidden, residual = hidden.clone(), residual.clone()
+        if not get_pp_group().is_last_rank:
+            if alive is not None:
+                hidden = _scatter_rows(hidden, alive, num_tokens)
+                residual = _scatter_rows(residual, alive, num_tokens)
+            return IntermediateTensors({"hidden_states": hidden, "residual": residual})
         if plan is None:
             return text_model.norm(hidden, residual)[0]
         out = hidden.new_zeros((num_tokens, hidden.shape[-1]))
@@ -116,6 +151,12 @@ class VTWModelMixin:
             hidden, _ = text_model.norm(hidden, residual)
             out.index_copy_(0, plan.out_index, hidden)
         return out
+
+
+def _scatter_rows(rows: torch.Tensor, index: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """``rows`` back at their original ``index`` in a zeroed ``[num_tokens, ...]``."""
+    out = rows.new_zeros((num_tokens, *rows.shape[1:]))
+    return out.index_copy_(0, index, rows) if rows.shape[0] else out
 
 
 def _gather_rows(
