@@ -9,16 +9,30 @@
   every step, preemption, aborts and resumed requests there.)
 - Data parallel: the session's shared ``vllm serve`` runs ``--data-parallel-size 2``
   (``tests/test_server.py``, ``tests/test_soak.py``).
+- Across nodes: ``vllm serve`` at TP = 2 over two nodes on loopback (vLLM's ``--nnodes`` /
+  ``--node-rank`` launch, node 1 ``--headless``): per-request K equal to the reference.
 
 The CPU build binds each rank's OpenMP threads to cores; on this 2-core machine that
 is done by hand (``VLLM_CPU_OMP_THREADS_BIND``: one entry per rank). Every test has a
 timeout (``pytest-timeout``), so a rank that hangs fails CI instead of stalling it.
 """
 
+import json
 import math
+import subprocess
+import sys
 
+import httpx
 import pytest
-from conftest import assert_close, environment, first_logprobs, vllm_engine
+from conftest import (
+    _free_port,
+    assert_close,
+    data_url,
+    environment,
+    first_logprobs,
+    served,
+    vllm_engine,
+)
 
 from vtw_vllm.testing import get_fixture, make_test_image
 from vtw_vllm.testing.reference import vtw_generate
@@ -143,3 +157,70 @@ def test_blocks_follow_formula_and_return(tp_pp_engine):
     assert checked > 20 and vision_only_chunk
     assert not sched.requests
     assert pool.get_num_free_blocks() == free_at_start
+
+
+# -- two nodes on loopback ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_node_server(llava_dir, tmp_path_factory):
+    """vLLM's multi-node launch (``mp`` backend): TP = 2 across two "nodes" on loopback,
+    node 0 ``vllm serve ... --nnodes 2 --node-rank 0`` with the API server and rank 0,
+    node 1 the same with ``--node-rank 1 --headless`` (rank 1 only), as on a cluster."""
+    logs = tmp_path_factory.mktemp("two_nodes")
+    common = [
+        "--tensor-parallel-size", "2", "--nnodes", "2",
+        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+        "--hf-overrides", json.dumps({"architectures": [ARCH], "vtw_allowed_k": ALLOWED_K}),
+        "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
+        "--kv-cache-memory-bytes", str(12 * 2**20),
+    ]  # fmt: skip
+    node1_cmd = [
+        sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", llava_dir,
+        *common, "--node-rank", "1", "--headless",
+    ]  # fmt: skip
+    with (
+        environment(VLLM_CPU_OMP_THREADS_BIND="1"),  # node 1's one rank on core 1
+        open(logs / "node1.log", "w") as log,
+    ):
+        node1 = subprocess.Popen(node1_cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        with (
+            environment(VLLM_CPU_OMP_THREADS_BIND="0"),
+            served(llava_dir, [*common, "--node-rank", "0"], logs / "node0.log") as base,
+        ):
+            yield {"base": base, "model": llava_dir, "node1": node1}
+    finally:
+        node1.terminate()
+        node1.wait(timeout=60)
+
+
+def test_two_nodes_serve_per_request_k(two_node_server, llava_dir):
+    assert two_node_server["node1"].poll() is None  # node 1 is serving, not exited
+    question = "What is in the picture?"
+    for k, seed in ((1, 80), (4, 81), (7, 82), (8, 80)):
+        body = {
+            "model": two_node_server["model"],
+            "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": data_url(seed)}},
+                {"type": "text", "text": question},
+            ]}],
+            "temperature": 0.0,
+            "max_tokens": MAX_TOKENS,
+            "return_token_ids": True,
+            "vllm_xargs": {"vtw_k": k},
+        }  # fmt: skip
+        resp = httpx.post(f"{two_node_server['base']}/v1/chat/completions", json=body, timeout=300)
+        assert resp.status_code == 200, resp.text
+        ref = vtw_generate(
+            llava_dir,
+            f"USER: <image>\n{question} ASSISTANT:",
+            [make_test_image(seed)],
+            k,
+            MAX_TOKENS,
+            add_special_tokens=False,
+        )
+        assert resp.json()["choices"][0]["token_ids"] == ref.token_ids, f"K={k}"
+    body["vllm_xargs"] = {"vtw_k": 3}
+    resp = httpx.post(f"{two_node_server['base']}/v1/chat/completions", json=body, timeout=300)
+    assert resp.status_code == 400
