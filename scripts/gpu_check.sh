@@ -7,7 +7,9 @@
 #      supports: TRITON_ATTN in float32 (the tests' tolerances are fp32's) and
 #      FLASH_ATTN in bfloat16 (FlashAttention has no fp32; comparisons bound by fp32
 #      tolerances may fail there, read the per-test results); FlashInfer must be refused;
-#   3. the gather-kernel benchmark and the serving benchmark (stock vs VTW, both at their
+#   3. with 2+ GPUs: the tensor / pipeline parallel engine tests and the serving benchmark
+#      at TP = 2;
+#   4. the gather-kernel benchmark and the serving benchmark (stock vs VTW, both at their
 #      defaults, i.e. compiled with PIECEWISE CUDA graphs, prefix caching on).
 # Writes benchmarks/results/gpu_check/ (report.md, junit XML per run, logs).
 # Without a GPU it says so and exits 0: everything in it that can run on CPU is in `make test`.
@@ -45,6 +47,17 @@ for spec in TRITON_ATTN:float32 FLASH_ATTN:bfloat16; do
   VLLM_LOGGING_LEVEL=DEBUG VTW_TEST_ATTENTION_BACKEND=$backend VTW_TEST_DTYPE=$dtype \
     run "engine-$backend-$dtype" "$PY" -m pytest -q $ENGINE_TESTS --junitxml="$OUT/engine-$backend.xml"
 done
+# Several GPUs: VTW at TP = 2 (test_kv_accounting), TP = 2 x PP = 2 and TP = 2 over two
+# nodes on loopback (test_parallel; the 4-rank case skips with fewer than 4 GPUs).
+NUM_GPUS=$(nvidia-smi -L | wc -l)
+if [ "$NUM_GPUS" -ge 2 ]; then
+  VTW_TEST_ATTENTION_BACKEND=TRITON_ATTN run "parallel-$NUM_GPUS-gpus" "$PY" -m pytest -q \
+    tests/test_kv_accounting.py tests/test_parallel.py --junitxml="$OUT/parallel.xml"
+  run serving-bench-tp2 "$PY" benchmarks/serving/run.py --parts defaults online \
+    --tensor-parallel-size 2 --out "$OUT/tp2"
+else
+  echo "- parallel: not run (one GPU; TP/PP need 2-4)" >> "$REPORT"
+fi
 VTW_TEST_ATTENTION_BACKEND=FLASHINFER run flashinfer-refused "$PY" -m pytest -q \
   "tests/test_refusals.py::test_refused_with_a_clear_error"
 run kernel-bench "$PY" benchmarks/kernels/bench_gather_rows.py --out "$OUT"

@@ -95,6 +95,14 @@ def vllm_engine(model: str, multiprocess: bool = False, **overrides) -> Iterator
         gc.collect()
 
 
+def needs_ranks(n: int) -> pytest.MarkDecorator:
+    """For engines of ``n`` ranks (tensor / pipeline / data parallel): on CUDA they need
+    ``n`` GPUs and skip with fewer (``make gpu-check`` on a one-GPU box); the CPU build
+    runs every rank on this machine, so on CPU they always run."""
+    short = torch.cuda.is_available() and torch.cuda.device_count() < n
+    return pytest.mark.skipif(short, reason=f"needs {n} GPUs")
+
+
 def run_cli(*argv: str, unset: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """``vtw-vllm ARGV`` (:func:`vtw_vllm.cli.main`) in this process with its engine core
     in-process: the command's own code end to end, without the ~25 s of a fresh

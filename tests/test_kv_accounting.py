@@ -15,13 +15,14 @@ K = 6 (58) or 8 (76): the K = 8 run goes through preemption and recompute."""
 import math
 
 import pytest
-from conftest import environment, vllm_engine
+from conftest import environment, needs_ranks, vllm_engine
 
 from vtw_vllm.testing import get_fixture, make_test_image
 from vtw_vllm.testing.reference import vtw_generate
 from vtw_vllm.vision_ranges import kept_tokens, vision_ranges
 
-pytestmark = [pytest.mark.engine, pytest.mark.timeout(600)]  # a hung rank fails, not stalls
+# A hung rank fails the test instead of stalling CI (pytest-timeout).
+pytestmark = [pytest.mark.engine, pytest.mark.timeout(600), needs_ranks(2)]
 K, BLOCK_SIZE, MAX_TOKENS = 4, 32, 5  # CPU_ATTN needs multiples of 32
 
 

@@ -30,6 +30,7 @@ from conftest import (
     data_url,
     environment,
     first_logprobs,
+    needs_ranks,
     served,
     vllm_engine,
 )
@@ -85,6 +86,9 @@ def llava_dir() -> str:
     return str(get_fixture("llava"))
 
 
+TP_PP = needs_ranks(4)
+
+
 @pytest.fixture(scope="module")
 def tp_pp_engine(llava_dir):
     with (
@@ -102,6 +106,7 @@ def tp_pp_engine(llava_dir):
         yield llm
 
 
+@TP_PP
 def test_stages_own_their_layers_and_kv_groups(tp_pp_engine):
     parallel = tp_pp_engine.llm_engine.vllm_config.parallel_config
     assert (parallel.tensor_parallel_size, parallel.pipeline_parallel_size) == (2, 2)
@@ -111,6 +116,7 @@ def test_stages_own_their_layers_and_kv_groups(tp_pp_engine):
     assert len(groups) == 8
 
 
+@TP_PP
 @pytest.mark.parametrize("ks", [[1, 4, 7, 1], [7, 8, 4, 1]], ids=["a", "b"])
 def test_mixed_k_across_stages_equals_reference(tp_pp_engine, llava_dir, ks):
     """Every request with its own K in one batch: withdrawn on stage 0 (K = 1), at the
@@ -130,6 +136,7 @@ def _scheduler(llm):
     return llm.llm_engine.engine_core.engine_core.scheduler
 
 
+@TP_PP
 def test_blocks_follow_formula_and_return(tp_pp_engine):
     """Per KV group, blocks = the request's kept tokens (all below K, text only from K on)
     at every step, through a vision-only prefill chunk; all back after finish."""
@@ -195,6 +202,7 @@ def two_node_server(llava_dir, tmp_path_factory):
         node1.wait(timeout=60)
 
 
+@needs_ranks(2)
 def test_two_nodes_serve_per_request_k(two_node_server, llava_dir):
     assert two_node_server["node1"].poll() is None  # node 1 is serving, not exited
     question = "What is in the picture?"

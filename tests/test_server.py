@@ -7,12 +7,12 @@ them over the API servers sharing the port."""
 
 import httpx
 import pytest
-from conftest import data_url, metric_per_engine
+from conftest import data_url, metric_per_engine, needs_ranks
 
 from vtw_vllm.testing import make_test_image
 from vtw_vllm.testing.reference import vtw_generate
 
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.engine, needs_ranks(2)]  # the shared server: 2 DP ranks
 ALLOWED = [2, 4, 6, 8]  # the shared vtw_server: prepared with allowed K [2, 4, 6], N = 8
 QUESTION = "What is in the picture?"
 MAX_TOKENS = 5

@@ -14,9 +14,9 @@ import random
 
 import httpx
 import pytest
-from conftest import data_url, metric
+from conftest import data_url, metric, needs_ranks
 
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.engine, needs_ranks(2)]  # the shared server: 2 DP ranks
 NUM_REQUESTS, CONCURRENCY, MAX_TOKENS, ABORT_RATE = 500, 24, 6, 0.1
 QUESTIONS = ["What is in the picture?", "Describe the shapes.", "Which colour dominates?"]
 

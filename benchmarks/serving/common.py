@@ -269,6 +269,7 @@ def offline(kind: str, spec: dict[str, Any], args: argparse.Namespace) -> dict[s
         max_model_len=4096,
         dtype="float32",
         seed=0,
+        tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
         **eager,
     )
     images = FreshImages(kind)

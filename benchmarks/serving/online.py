@@ -42,6 +42,8 @@ def serve_args(kind: str, spec: dict[str, Any], port: int, args: argparse.Namesp
         "--dtype", "float32", "--hf-overrides", json.dumps(hf_overrides(kind, spec)),
         "--max-model-len", "4096", "--kv-cache-memory-bytes", str(args.kv_mib * 2**20),
         "--seed", "0",
+        "--tensor-parallel-size", str(getattr(args, "tensor_parallel_size", 1)),
+        "--data-parallel-size", str(getattr(args, "data_parallel_size", 1)),
     ]  # fmt: skip
 
 

@@ -76,6 +76,8 @@ def report(results: dict[str, Any], args: argparse.Namespace, meta: dict[str, An
         "# Serving benchmark: stock vLLM vs VTW",
         "",
         meta_line(meta),
+        f"Tensor parallel size {args.tensor_parallel_size} (offline and online engines), "
+        f"data parallel size {args.data_parallel_size} (online servers). "
         f"Offline: {args.batch} image requests per batch, every request to an engine with "
         "an image it has not seen before (repeats included), so no prefix-cache hit is "
         "possible (the cached tokens the engines reported are in the last table); "
@@ -210,6 +212,16 @@ def main() -> None:
         "--online-text-tokens", type=int, default=12, help="random text tokens per request"
     )
     parser.add_argument("--no-online", action="store_true", help="same as leaving out 'online'")
+    parser.add_argument(
+        "--tensor-parallel-size", type=int, default=1, help="every engine, offline and online"
+    )
+    parser.add_argument(
+        "--data-parallel-size",
+        type=int,
+        default=1,
+        help="the online servers only (vLLM "
+        "runs data parallelism for dense models through vllm serve, not LLM)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.quick:
@@ -220,6 +232,16 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/flops.py
     meta = run_meta("benchmarks/serving/run.py")
     meta["parts"] = parts
+    meta["tensor_parallel_size"] = args.tensor_parallel_size
+    meta["data_parallel_size"] = args.data_parallel_size
+    ranks = args.tensor_parallel_size * args.data_parallel_size
+    if ranks > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        # vLLM's CPU build binds each rank to a NUMA node's cores; one node here: by hand,
+        # one core per rank in turn (engines that take turns share the cores).
+        cores = os.cpu_count() or 1
+        bind = "|".join(str(i % cores) for i in range(ranks))
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
+        meta["cpu_threads_bind"] = bind
     started = time.perf_counter()
     results: dict[str, Any] = {}
     for kind in args.models:
