@@ -18,11 +18,6 @@ def _config(**kwargs):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(enable_lora=True), "VTW does not support LoRA"),
-        (
-            dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2}),
-            "VTW does not support speculative decoding",
-        ),
         (dict(attention_backend="FLASHINFER"), "FlashInfer-style backends"),
         (
             dict(pipeline_parallel_size=2, enforce_eager=True),
@@ -86,3 +81,17 @@ def test_parallel_modes_refused(parallel, match):
     config.parallel_config = SimpleNamespace(**{**base, **parallel})
     with pytest.raises(ValueError, match=match):
         _refuse_unsupported(config)
+
+
+@pytest.mark.parametrize("method", ["eagle3", "mtp", "draft_model", "medusa", "suffix"])
+def test_speculation_other_than_ngram_refused(method):
+    """Draft-model methods need their draft checkpoints to configure for real; the
+    refusal itself is plain Python on the method name (n-gram passes)."""
+    from types import SimpleNamespace
+
+    from vtw_vllm.engine_config import _refuse_speculation_but_ngram
+
+    _refuse_speculation_but_ngram(None)
+    _refuse_speculation_but_ngram(SimpleNamespace(method="ngram"))
+    with pytest.raises(ValueError, match=f"VTW supports n-gram speculative decoding.*'{method}'"):
+        _refuse_speculation_but_ngram(SimpleNamespace(method=method))

@@ -16,8 +16,10 @@ fill in their defaults. It changes only what VTW cannot run with and says so:
 - the multimodal processor cache stays on (a rejected request's images are dropped
   from it, :func:`vtw_vllm.vllm_patches.forget_rejected_request_images`);
 - tensor, pipeline and data parallelism run as in stock (pipeline parallelism on the CPU
-  build only compiled, as stock); speculative decoding, LoRA, microbatching (DBO) and
-  context parallelism are refused;
+  build only compiled, as stock); LoRA runs (each row's adapter follows it through a
+  withdrawal, :mod:`vtw_vllm.models.lora_rows`); speculative decoding runs with the
+  n-gram proposer, other methods, microbatching (DBO) and context parallelism are
+  refused;
 - on CUDA the attention backend is FLASH_ATTN (16-bit) or TRITON_ATTN (fp32) unless the
   user names one of them (FlashInfer is refused).
 """
@@ -46,7 +48,10 @@ class VTWEngineConfigHook(VerifyAndUpdateConfig):
         vtw.log_layout()
         model_config = vllm_config.model_config
         validation.VTWRequestValidator.vtw_config = vtw
-        if validation.QUALNAME not in (model_config.logits_processors or []):
+        # vLLM refuses custom logits processors with speculative decoding; vtw_k is then
+        # checked only where the request is rendered (validation.validate_request).
+        speculative = vllm_config.speculative_config is not None
+        if not speculative and validation.QUALNAME not in (model_config.logits_processors or []):
             model_config.logits_processors = [
                 *(model_config.logits_processors or []),
                 validation.QUALNAME,
@@ -63,8 +68,7 @@ class VTWEngineConfigHook(VerifyAndUpdateConfig):
         parallel = vllm_config.parallel_config
         if parallel.worker_cls == "auto":
             parallel.worker_cls = WORKER
-        if vllm_config.speculative_config is not None:
-            raise ValueError("VTW does not support speculative decoding yet")
+        _refuse_speculation_but_ngram(vllm_config.speculative_config)
         _refuse_unsupported(vllm_config)
         _choose_attention_backend(vllm_config.attention_config, vllm_config.model_config.dtype)
 
@@ -83,6 +87,19 @@ class VTWEngineConfigHook(VerifyAndUpdateConfig):
         use_v1_model_runner()
 
 
+def _refuse_speculation_but_ngram(speculative_config) -> None:
+    """n-gram speculation proposes from the tokens alone; its verification steps are
+    several text rows per request, which every KV group (compacted ones included) takes
+    as it takes a chunk. Methods with a draft model (EAGLE, MTP, Medusa, a draft LLM)
+    read the target's hidden states or add KV layers of their own: not yet checked."""
+    if speculative_config is not None and speculative_config.method != "ngram":
+        raise ValueError(
+            f"VTW supports n-gram speculative decoding (method 'ngram'), not yet "
+            f"'{speculative_config.method}': draft-model methods read the target model's "
+            f"hidden states (which VTW withdraws rows from) or run KV layers of their own"
+        )
+
+
 # Attention backends whose metadata takes a compacted batch as it is: every request's
 # query rows by query_start_loc, zero-row requests included, no decode/prefill split
 # by query length (FlashInfer splits, and a compacted request with 0 rows in a step would
@@ -93,11 +110,6 @@ SUPPORTED_ATTENTION_BACKENDS = ("FLASH_ATTN", "TRITON_ATTN", "CPU_ATTN")
 def _refuse_unsupported(vllm_config) -> None:
     """Features that reinterpret the rows of a step, which VTW compacts mid-model."""
     parallel = vllm_config.parallel_config
-    if vllm_config.lora_config is not None:
-        raise ValueError(
-            "VTW does not support LoRA yet (its per-token adapter indices cover every row "
-            "of a step, and VTW withdraws rows mid-model); start without --enable-lora"
-        )
     mm_config = vllm_config.model_config.multimodal_config
     if mm_config is not None and mm_config.is_multimodal_pruning_enabled():
         raise ValueError(

@@ -36,6 +36,7 @@ from vtw_vllm.config import VTWConfig
 from vtw_vllm.kernels.gather_rows import gather_rows_auto
 from vtw_vllm.kv_cache import VTWAttentionSpec
 from vtw_vllm.models.layer_spans import make_layer_spans
+from vtw_vllm.models.lora_rows import find_punica_wrapper, keep_lora_rows
 from vtw_vllm.step_plan import FORWARD_CONTEXT_KEY, ModelPlan
 
 
@@ -124,8 +125,11 @@ class VTWModelMixin:
         alive = None  # original rows of the current rows, once any has left
         for keep in earlier:
             alive = keep if alive is None else alive.index_select(0, keep)
+        lora = find_punica_wrapper(self._vtw_spans[0].layers) if withdrawals else None
         if alive is not None:
             hidden, residual, positions = _gather_rows(hidden, residual, positions, alive)
+            if lora is not None and hidden.shape[0]:
+                keep_lora_rows(lora, alive)
         last = len(self._vtw_spans) - 1
         for i, span in enumerate(self._vtw_spans):
             keep_index = here.get(span.start)
@@ -136,6 +140,8 @@ class VTWModelMixin:
                 alive = keep_index if alive is None else alive.index_select(0, keep_index)
                 if hidden.shape[0] == 0:  # e.g. a prefill chunk holding only vision tokens
                     break
+                if lora is not None:
+                    keep_lora_rows(lora, keep_index)
             hidden, residual = span(positions, hidden, residual, deepstack)
             if self._vtw_clone_between_spans and i < last:
                 hidden, residual = hidden.clone(), residual.clone()
