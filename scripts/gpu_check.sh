@@ -3,7 +3,8 @@
 #
 # On a box with an NVIDIA GPU and the project's .venv (vllm==0.32.* from `make install`):
 #   1. the CUDA cases of the kernel tests (Triton gather vs its PyTorch reference);
-#   2. the engine tests on the tiny fixtures under each CUDA attention backend VTW
+#   2. the engine tests (LoRA and n-gram speculation included: the Triton LoRA
+#      kernels run there only) under each CUDA attention backend VTW
 #      supports: TRITON_ATTN in float32 (the tests' tolerances are fp32's) and
 #      FLASH_ATTN in bfloat16 (FlashAttention has no fp32; comparisons bound by fp32
 #      tolerances may fail there, read the per-test results); FlashInfer must be refused;
@@ -37,7 +38,7 @@ run() {  # name, then the command; records pass/fail in the report
 }
 
 run kernel-tests "$PY" -m pytest -q tests/test_gather_rows.py --junitxml="$OUT/kernel-tests.xml"
-ENGINE_TESTS="tests/test_vtw_engine.py tests/test_kv_accounting.py tests/test_prefix_cache.py tests/test_qwen_vl.py"
+ENGINE_TESTS="tests/test_vtw_engine.py tests/test_kv_accounting.py tests/test_prefix_cache.py tests/test_qwen_vl.py tests/test_lora.py tests/test_speculative.py"
 # VLLM_LOGGING_LEVEL=DEBUG turns on vLLM's check that every CUDA graph replays with the
 # input addresses it captured: a layer span fed a tensor at a new address each step (the
 # clone between spans, for one) fails loudly instead of reading stale
