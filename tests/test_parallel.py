@@ -196,10 +196,14 @@ def two_node_server(llava_dir, tmp_path_factory):
             environment(VLLM_CPU_OMP_THREADS_BIND="0"),
             served(llava_dir, [*common, "--node-rank", "0"], logs / "node0.log") as base,
         ):
-            yield {"base": base, "model": llava_dir, "node1": node1}
+            try:
+                yield {"base": base, "model": llava_dir, "node1": node1}
+            finally:  # node 1 first: node 0's shutdown then need not wait for its worker
+                node1.terminate()
+                node1.wait(timeout=60)
     finally:
-        node1.terminate()
-        node1.wait(timeout=60)
+        if node1.poll() is None:
+            node1.kill()
 
 
 @needs_ranks(2)
