@@ -7,15 +7,14 @@ original 3-D positions. Which tokens are withdrawn: every ``<|image_pad|>`` /
 deepstack features join the vision rows after decoder layers 0-2: K = 1 and K = 3 are at
 or below that depth.
 
-Per family one stock engine (eager) and one VTW engine (``vtw_layer_group_size=1``: every
-K; prefix caching and chunked prefill on; Qwen3-VL's at vLLM's defaults: compiled layer
-spans with M-RoPE positions and deepstack features). K = N equals stock (tokens and
-log-probs); K < N equals the transformers reference that drops the vision rows at layer K
-and keeps the other rows' 3-D positions; a batch of mixed K equals its requests run
-alone; text-only requests are untouched; a follow-up turn served from the prefix cache
-equals the uncached run. A small eager Qwen3-VL engine checks the KV blocks of every
-layer group at every step through chunked prefill, preemption and an abort.
-"""
+Per family one stock engine (eager) and one VTW engine (``vtw_allowed_k`` [1, 2, 3, 6]: the
+K values tested; prefix caching and chunked prefill on; Qwen3-VL's at vLLM's defaults:
+compiled layer spans with M-RoPE positions and deepstack features). K = N equals stock
+(tokens and log-probs); K < N equals the transformers reference that drops the vision rows
+at layer K and keeps the other rows' 3-D positions; a batch of mixed K equals its requests
+run alone; text-only requests are untouched; a follow-up turn served from the prefix cache
+equals the uncached run. A small eager Qwen3-VL engine checks the KV blocks of every layer
+group at every step through chunked prefill, preemption and an abort."""
 
 import json
 import math
@@ -111,7 +110,9 @@ def stock(family) -> list:
 
 @pytest.fixture(scope="module")
 def vtw(family, stock):  # after the stock engine is gone
-    overrides = {"architectures": [ARCHS[family]], "vtw_layer_group_size": 1}
+    # Every K the tests use (1, 2, 3, 6 and N): 5 KV groups and compiled spans for
+    # Qwen3-VL (one per layer would be 8 compiles).
+    overrides = {"architectures": [ARCHS[family]], "vtw_allowed_k": [1, 2, DEEPSTACK_LEVELS, 6]}
     with vllm_engine(
         str(get_fixture(family)),
         limit_mm_per_prompt=LIMIT,

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ENGINE_STARTS
 
 from vtw_vllm.child_engine import run_child
 from vtw_vllm.testing import make_test_image
@@ -158,6 +157,8 @@ def speculation_child() -> dict:
 
 @pytest.fixture(scope="module")
 def run() -> dict:
+    from conftest import ENGINE_STARTS  # here: the child process has no conftest
+
     start = time.monotonic()
     result = run_child(f"{Path(__file__).resolve()}:speculation_child")
     ENGINE_STARTS.append(

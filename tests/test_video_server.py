@@ -2,9 +2,9 @@
 8 = N), one server per model for the module, all eager (the compiled layer spans are the
 same code, checked offline in ``test_vtw_engine.py``, ``test_qwen_vl.py`` and
 ``test_parallel.py``; fewer compiles keep CI within its budget): the tiny
-LLaVA-OneVision for a chat with an image and a video together, the tiny
-LLaVA-NeXT-Video, the tiny Qwen2.5-VL and Qwen3-VL for an image and a video in Qwen's
-chat format. Chat completions carry
+LLaVA-OneVision for a chat with an image and a video together (LLaVA-NeXT-Video's video
+path is the same VTW code, tested offline in ``test_video.py``), the tiny Qwen2.5-VL and
+Qwen3-VL for an image and a video in Qwen's chat format. Chat completions carry
 an MP4 as a ``video_url`` data URL (decoded by vLLM's default OpenCV loader) and a
 per-request K in ``vllm_xargs``; the tokens equal the transformers reference on the
 frames the MP4 decodes to.
@@ -47,17 +47,6 @@ def _serve(kind: str, arch: str, limit: dict, tmp_path_factory, eager: bool = Fa
     ]  # fmt: skip
     with served(model_dir, args, log_path) as base:
         yield {"base": base, "model": model_dir, "log": log_path}
-
-
-@pytest.fixture(scope="module")
-def video_server(tmp_path_factory):
-    yield from _serve(
-        "llava_next_video",
-        "LlavaNextVideoVTWForConditionalGeneration",
-        {"video": 1},
-        tmp_path_factory,
-        eager=True,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -121,10 +110,6 @@ def _assert_per_request_k_matches_reference(server: dict, seed: int, image_seed=
     assert tokens[2] != tokens[8], "withdrawing at layer 2 should change this tiny model's answer"
 
 
-def test_video_chat_per_request_k_matches_reference(video_server):
-    _assert_per_request_k_matches_reference(video_server, 11)
-
-
 def test_onevision_image_and_video_chat_matches_reference(onevision_server):
     """LLaVA-OneVision served: one image and one video in a chat; both are withdrawn at K
     (every image and video placeholder token), K per request; equal to the reference."""
@@ -132,17 +117,17 @@ def test_onevision_image_and_video_chat_matches_reference(onevision_server):
 
 
 @pytest.mark.parametrize("bad", [3, 0, 9, "4"])
-def test_bad_vtw_k_is_http_400_and_server_keeps_serving(video_server, bad):
+def test_bad_vtw_k_is_http_400_and_server_keeps_serving(onevision_server, bad):
     video = _video(12)
-    resp = _chat(video_server, video, vtw_k=bad)
+    resp = _chat(onevision_server, video, vtw_k=bad)
     assert resp.status_code == 400, resp.text
     assert str(ALLOWED) in resp.json()["error"]["message"]
-    good = _chat(video_server, video, vtw_k=2)
+    good = _chat(onevision_server, video, vtw_k=2)
     assert good.status_code == 200, good.text
 
 
-def test_no_request_left_running(video_server):
-    assert metric(video_server, "vllm:num_requests_running") == 0
+def test_no_request_left_running(onevision_server):
+    assert metric(onevision_server, "vllm:num_requests_running") == 0
 
 
 QWEN_ARCHS = {
