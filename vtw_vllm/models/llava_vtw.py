@@ -79,6 +79,10 @@ class VTWModelMixin:
         # On CUDA, vLLM hands back the output of a compiled unit's last CUDA graph as a
         # weak reference; the next span's graphs may reuse that memory (as Gemma3n notes).
         self._vtw_clone_between_spans = vllm_config.device_config.device_type == "cuda"
+        # LoRA: vLLM installs its layers (and their shared PunicaWrapper) after the model
+        # is built; found at the first withdrawal, then kept. Never looked for without LoRA.
+        self._vtw_uses_lora = vllm_config.lora_config is not None
+        self._vtw_punica = None
         # Forward calls by path, read by the tests (LLM.apply_model) to prove which ran.
         self.vtw_forward_counts = {"full": 0, "withdrawal": 0}
 
@@ -125,7 +129,7 @@ class VTWModelMixin:
         alive = None  # original rows of the current rows, once any has left
         for keep in earlier:
             alive = keep if alive is None else alive.index_select(0, keep)
-        lora = find_punica_wrapper(self._vtw_spans[0].layers) if withdrawals else None
+        lora = self._vtw_lora_wrapper() if withdrawals else None
         if alive is not None:
             hidden, residual, positions = _gather_rows(hidden, residual, positions, alive)
             if lora is not None and hidden.shape[0]:
@@ -157,6 +161,11 @@ class VTWModelMixin:
             hidden, _ = text_model.norm(hidden, residual)
             out.index_copy_(0, plan.out_index, hidden)
         return out
+
+    def _vtw_lora_wrapper(self):
+        if self._vtw_uses_lora and self._vtw_punica is None:
+            self._vtw_punica = find_punica_wrapper(self._vtw_spans[0].layers)
+        return self._vtw_punica
 
 
 def _scatter_rows(rows: torch.Tensor, index: torch.Tensor, num_tokens: int) -> torch.Tensor:
